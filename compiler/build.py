@@ -1,0 +1,207 @@
+"""build(): model source -> export -> pass pipeline -> backend -> verified engine directory."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import enginesmith
+from enginesmith.compiler import artifact, export, pipeline, sources
+from enginesmith.compiler.backends import onnxruntime as ort_backend
+from enginesmith.compiler.config import BuildConfig
+from enginesmith.compiler.errors import BuildError
+
+VERIFY_TEXT = (
+    "The engine is checked against the reference implementation: the same weights must give "
+    "the same next-token logits."
+)
+# Build-time check: relative to the largest |logit|; fp32 engines differ by ~1e-6 here.
+VERIFY_RTOL = 1e-3
+
+Log = Callable[[str], None]
+
+
+def eos_token_ids(loaded: sources.LoadedModel) -> list[int]:
+    ids: set[int] = set()
+    for source in (loaded.config, getattr(loaded.model, "generation_config", None)):
+        value = getattr(source, "eos_token_id", None) if source is not None else None
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    if loaded.tokenizer.eos_token_id is not None:
+        ids.add(int(loaded.tokenizer.eos_token_id))
+    return sorted(ids)
+
+
+class _Stages:
+    """Prints `[i/n] name ... done in X s` lines and records stage times."""
+
+    def __init__(self, total: int, log: Log) -> None:
+        self.total, self.log, self.index = total, log, 0
+        self.seconds: dict[str, float] = {}
+
+    def run(
+        self, name: str, fn: Callable[[], Any], detail: Callable[[Any], str] = lambda _: ""
+    ) -> Any:
+        self.index += 1
+        self.log(f"[{self.index}/{self.total}] {name} ...")
+        start = time.perf_counter()
+        result = fn()
+        self.seconds[name] = round(time.perf_counter() - start, 3)
+        extra = detail(result)
+        self.log(f"      done in {self.seconds[name]:.1f} s{'  ' + extra if extra else ''}")
+        return result
+
+
+def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
+    """Build CONFIG.model into an engine directory at CONFIG.output; return the manifest."""
+    # Refuse an existing output before spending minutes on the build.
+    output = config.output.expanduser().resolve()
+    if output.exists() and not config.force:
+        from enginesmith.compiler.errors import EngineDirError
+
+        raise EngineDirError(
+            f"{output} already exists: pass --force to overwrite it, or choose another -o"
+        )
+    stages = _Stages(5 if config.verify else 4, log)
+    loaded = stages.run(
+        f"load {config.model}",
+        lambda: sources.load_model(config.model),
+        lambda m: (
+            f"{m.architecture}, {sum(p.numel() for p in m.model.parameters()) / 1e6:.1f}M params"
+        ),
+    )
+    exported = stages.run(
+        "export to ONNX (torch dynamo, opset 23)",
+        lambda: export.export_model(loaded.model),
+        lambda r: f"{r.model.graph.num_nodes()} nodes, {r.weight_bytes / 1e6:.1f} MB of weights",
+    )
+    dims: export.ModelDims = exported.dims
+    if config.max_seq_len > dims.max_position_embeddings:
+        log(
+            f"      note: --max-seq-len {config.max_seq_len} exceeds the model's trained context "
+            f"({dims.max_position_embeddings})"
+        )
+
+    def log_pass(r: pipeline.PassRecord) -> None:
+        summary = {k: v for k, v in r.report.items() if k not in ("fused_layers",)}
+        log(f"      {r.name:<28} {r.seconds:6.2f} s  nodes={r.nodes_after}  {json.dumps(summary)}")
+
+    records = stages.run(
+        f"passes for {config.backend}",
+        lambda: pipeline.run_pipeline(
+            exported.model, pipeline.PIPELINES[config.backend](dims), log_pass
+        ),
+    )
+    fuse = next(r for r in records if r.name == "fuse-attention")
+    if fuse.report["fused"] != dims.num_layers:
+        raise BuildError(
+            f"only {fuse.report['fused']} of {dims.num_layers} attention layers fused "
+            f"({fuse.report['failures']}); this export form is not supported yet"
+        )
+
+    manifest: dict[str, Any] = {}
+    with artifact.atomic_engine_dir(output, config.force) as tmp:
+
+        def write() -> dict[str, Any]:
+            roles = ort_backend.write_engine_files(exported.model, loaded.tokenizer, tmp)
+            kv_shape = [config.max_batch, dims.num_kv_heads, config.max_seq_len, dims.head_dim]
+            manifest.update(
+                {
+                    "enginesmith_version": enginesmith.__version__,
+                    "backend": config.backend,
+                    "backend_versions": ort_backend.runtime_versions(),
+                    "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "source": {
+                        "model": config.model,
+                        "kind": loaded.source_kind,
+                        "path": loaded.source_path,
+                    },
+                    "architecture": loaded.architecture,
+                    "model": asdict(dims),
+                    "max_batch": config.max_batch,
+                    "max_seq_len": config.max_seq_len,
+                    "kv_cache": {
+                        "layout": "slots",
+                        "format": "BNSH",
+                        "dtype": "float32",
+                        "shape_per_layer": kv_shape,
+                        "num_kv_heads": dims.num_kv_heads,
+                        "bytes_per_token": dims.kv_bytes_per_token(),
+                        "total_bytes": 2 * dims.num_layers * int(np.prod(kv_shape)) * 4,
+                    },
+                    "dtypes": {"weights": "float32", "activations": "float32"},
+                    "eos_token_ids": eos_token_ids(loaded),
+                    "passes": [r.name for r in records],
+                    "io": {
+                        "inputs": [v.name for v in exported.model.graph.inputs],
+                        "outputs": [v.name for v in exported.model.graph.outputs],
+                    },
+                    "files_by_role": roles,
+                }
+            )
+            return roles
+
+        stages.run("write engine directory", write, lambda _: f"{_dir_mb(tmp):.1f} MB")
+        report: dict[str, Any] = {
+            "model": config.model,
+            "export": {
+                "seconds": round(exported.seconds, 3),
+                "weight_bytes": exported.weight_bytes,
+            },
+            "passes": [r.as_dict() for r in records],
+        }
+        if config.verify:
+            report["verify"] = stages.run(
+                "verify logits against transformers",
+                lambda: verify_engine(tmp, manifest, loaded),
+                lambda v: f"max |diff| {v['max_abs_diff']:.2e} (relative {v['relative_diff']:.2e})",
+            )
+        report["stage_seconds"] = stages.seconds
+        (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+        written = artifact.write_manifest(tmp, manifest)
+    log(f"engine written to {output}")
+    return written
+
+
+def verify_engine(
+    engine_dir: Path, manifest: dict[str, Any], loaded: sources.LoadedModel
+) -> dict[str, Any]:
+    """Prefill a fixed text through the engine and through transformers; compare all logits."""
+    import torch
+
+    from enginesmith.runtime.session import EngineSession
+
+    ids = loaded.tokenizer(VERIFY_TEXT).input_ids[: manifest["max_seq_len"] - 1]
+    n = len(ids)
+    session = EngineSession(engine_dir, manifest)
+    logits = session.step(
+        0,
+        np.array([ids]),
+        np.arange(n)[None],
+        np.array([n - 1], np.int32),
+        np.array([n], np.int32),
+        np.arange(n),
+    )
+    with torch.no_grad():
+        reference = loaded.model(torch.tensor([ids])).logits[0].float().numpy()
+    diff = float(np.abs(logits - reference).max())
+    relative = diff / float(np.abs(reference).max())
+    agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+    if relative > VERIFY_RTOL:
+        raise BuildError(
+            f"engine logits differ from transformers by {relative:.2e} (relative, limit {VERIFY_RTOL}); "
+            "this is a compiler bug: report it with the model's config.json"
+        )
+    return {"tokens": n, "max_abs_diff": diff, "relative_diff": relative, "top1_agreement": agree}
+
+
+def _dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) / 1e6

@@ -1,0 +1,87 @@
+"""One flat, ordered pass list per backend, run with timing, reports and IR checks between passes."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import onnx_ir as ir
+
+from enginesmith.compiler.errors import BuildError
+from enginesmith.compiler.export import ModelDims
+from enginesmith.passes.base import EnginePass
+from enginesmith.passes.cleanup import CleanupPass
+from enginesmith.passes.fuse_attention import FuseAttentionPass
+from enginesmith.plugins.flash_attention.onnxruntime import LowerFlashAttentionToORT
+
+
+def onnxruntime_passes(dims: ModelDims) -> list[EnginePass]:
+    return [
+        # Attention first: it needs the exporter's Concat/Expand cache chain intact.
+        FuseAttentionPass(dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.sliding_window),
+        # The causal-mask and Concat chains are now dead; fold and collapse what is left.
+        CleanupPass(),
+        # Backend lowering last, so every pass above sees the backend-neutral plugin op.
+        LowerFlashAttentionToORT(),
+    ]
+
+
+PIPELINES = {"onnxruntime": onnxruntime_passes}
+
+
+@dataclass
+class PassRecord:
+    name: str
+    seconds: float
+    modified: bool
+    nodes_after: int
+    report: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "seconds": round(self.seconds, 4),
+            "modified": self.modified,
+            "nodes_after": self.nodes_after,
+            **self.report,
+        }
+
+
+def check_ir(model: ir.Model) -> None:
+    """Cheap structural check: every node input is defined before use (graph inputs,
+    initializers or an earlier node), and graph outputs are defined."""
+    graph = model.graph
+    defined = {id(v) for v in graph.inputs} | {id(v) for v in graph.initializers.values()}
+    for node in graph:
+        for value in node.inputs:
+            if value is not None and id(value) not in defined:
+                raise ValueError(
+                    f"node {node.name} ({node.op_type}) uses {value.name} before it is defined"
+                )
+        defined.update(id(v) for v in node.outputs)
+    for value in graph.outputs:
+        if id(value) not in defined:
+            raise ValueError(f"graph output {value.name} is not produced")
+
+
+def run_pipeline(model: ir.Model, passes: list[EnginePass], log: Any = None) -> list[PassRecord]:
+    """Run PASSES in order on MODEL (in place); return one record per pass."""
+    records: list[PassRecord] = []
+    for p in passes:
+        start = time.perf_counter()
+        try:
+            result = p(model)
+            check_ir(result.model)
+        except Exception as exc:
+            done = ", ".join(r.name for r in records) or "none"
+            raise BuildError(
+                f"pass {p.name} failed ({type(exc).__name__}: {exc}); passes before it: {done}"
+            ) from exc
+        record = PassRecord(
+            p.name, time.perf_counter() - start, result.modified, model.graph.num_nodes(), p.report
+        )
+        records.append(record)
+        if log:
+            log(record)
+    return records

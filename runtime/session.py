@@ -1,0 +1,100 @@
+"""ONNX Runtime engine session: one preallocated KV buffer per layer, bound in place.
+
+The cache of layer i is one array [max_batch, kv_heads, max_seq_len, head_dim]. A step runs a
+contiguous range of slots [start, stop): the rows of that range are a contiguous prefix-free
+slice of every buffer, so past_key.i and present_key.i are bound to the *same* zero-copy
+OrtValue and GroupQueryAttention writes new tokens in place. No step copies the cache.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginesmith.compiler.errors import BackendUnavailableError
+
+
+def _ort() -> Any:
+    try:
+        import onnxruntime
+    except ImportError as exc:  # pragma: no cover - dependency of the package
+        raise BackendUnavailableError("onnxruntime is not installed: run scripts/setup") from exc
+    return onnxruntime
+
+
+class EngineSession:
+    """Runs steps of an onnxruntime engine directory over its slot-based KV cache."""
+
+    def __init__(
+        self, engine_dir: Path, manifest: dict[str, Any], threads: int | None = None
+    ) -> None:
+        ort = _ort()
+        model = manifest["model"]
+        self.num_layers: int = model["num_layers"]
+        self.max_batch: int = manifest["max_batch"]
+        self.max_seq_len: int = manifest["max_seq_len"]
+        self.vocab_size: int = model["vocab_size"]
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = threads or int(os.environ.get("ENGINESMITH_THREADS", "0"))
+        if threads:
+            options.intra_op_num_threads = threads
+        options.log_severity_level = 3
+        self.session = ort.InferenceSession(
+            str(engine_dir / manifest["files_by_role"]["model"]),
+            options,
+            providers=["CPUExecutionProvider"],
+        )
+        kv_shape = (self.max_batch, model["num_kv_heads"], self.max_seq_len, model["head_dim"])
+        # [max_batch, kv_heads, max_seq_len, head_dim] per layer and kind, allocated once.
+        self.cache_key = [np.zeros(kv_shape, np.float32) for _ in range(self.num_layers)]
+        self.cache_value = [np.zeros(kv_shape, np.float32) for _ in range(self.num_layers)]
+        self._views: dict[tuple[int, int], list[tuple[str, str, Any]]] = {}
+
+    @property
+    def kv_cache_bytes(self) -> int:
+        return sum(a.nbytes for a in self.cache_key + self.cache_value)
+
+    def _cache_views(self, start: int, stop: int) -> list[tuple[str, str, Any]]:
+        """(past name, present name, OrtValue over rows [start, stop)) per cache, memoized."""
+        key = (start, stop)
+        if key not in self._views:
+            ort = _ort()
+            views = []
+            for i in range(self.num_layers):
+                for kind, buffers in (("key", self.cache_key), ("value", self.cache_value)):
+                    value = ort.OrtValue.ortvalue_from_numpy(buffers[i][start:stop])
+                    views.append((f"past_{kind}.{i}", f"present_{kind}.{i}", value))
+            self._views[key] = views
+        return self._views[key]
+
+    def step(
+        self,
+        start: int,
+        input_ids: np.ndarray,  # [n, S] int64, right-padded
+        position_ids: np.ndarray,  # [n, S] int64
+        seqlens_k: np.ndarray,  # [n] int32: tokens in the slot after this step - 1
+        query_seqlens: np.ndarray,  # [n] int32: valid new tokens per row (0 = idle)
+        logits_indices: np.ndarray,  # [m] int64: flat row * S + s positions that need logits
+    ) -> np.ndarray:
+        """Run slots [start, start + n); return logits [m, vocab]."""
+        rows = input_ids.shape[0]
+        if start < 0 or start + rows > self.max_batch:
+            raise ValueError(
+                f"slots [{start}, {start + rows}) outside [0, {self.max_batch}) [developer error]"
+            )
+        binding = self.session.io_binding()
+        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
+        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
+        binding.bind_cpu_input("logits_indices", np.ascontiguousarray(logits_indices, np.int64))
+        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, np.int32))
+        binding.bind_cpu_input("query_seqlens", np.ascontiguousarray(query_seqlens, np.int32))
+        binding.bind_output("logits", "cpu")  # first bound output: get_outputs()[0]
+        for past, present, value in self._cache_views(start, start + rows):
+            binding.bind_ortvalue_input(past, value)
+            binding.bind_ortvalue_output(present, value)  # same buffer: updated in place
+        self.session.run_with_iobinding(binding)
+        return binding.get_outputs()[0].numpy()
