@@ -78,6 +78,20 @@ class _Request:
         return self.num_cached < len(self.prompt_ids)
 
 
+class TextStream:
+    """Iterator of text deltas for one request; `.output` is set when it is exhausted."""
+
+    def __init__(self, llm: LLM, request: _Request) -> None:
+        self._llm, self._request = llm, request
+        self.output: RequestOutput | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        for _, delta in self._llm._run([self._request]):
+            if delta:
+                yield delta
+        self.output = self._llm._output(self._request)
+
+
 class LLM:
     """Load an engine directory and generate text with it.
 
@@ -119,12 +133,11 @@ class LLM:
             pass
         return [self._output(r) for r in requests]
 
-    def stream(self, prompt: str, params: SamplingParams | None = None) -> Iterator[str]:
-        """Yield the completion of PROMPT as text deltas, as soon as each is stable."""
+    def stream(self, prompt: str, params: SamplingParams | None = None) -> TextStream:
+        """Stream the completion of PROMPT: iterate for text deltas as soon as each is stable;
+        `.output` holds the full RequestOutput (text, ids, stats) once iteration ends."""
         (request,) = self._make_requests(prompt, params)
-        for _, delta in self._run([request]):
-            if delta:
-                yield delta
+        return TextStream(self, request)
 
     def chat(
         self, messages: list[dict[str, str]], params: SamplingParams | None = None

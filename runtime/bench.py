@@ -1,0 +1,748 @@
+"""`enginesmith bench`: prefill and decode speed of an engine vs Hugging Face transformers.
+
+One run measures, on the same machine and the same token ids:
+
+* prefill: a prompt of exactly --prefill-tokens tokens of real text (Python's own docs,
+  `pydoc_data.topics`), timed as one engine call for us and one `model(...)` forward for
+  transformers;
+* decode: batch 1, --decode-tokens greedy tokens after a short real-text prompt;
+* the memory-bandwidth bound of decode: read-only bandwidth measured here, divided by the
+  weight bytes one decoded token has to read.
+
+Every measurement is repeated --runs times after one warm-up, ours and transformers'
+interleaved in each repetition so that machine noise hits both. The table goes to stdout, the
+progress to stderr, and everything (raw samples included) to a JSON file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+DEFAULT_MODEL = "smollm2-135m"
+DECODE_PROMPT_TOKENS = 32  # short prompt before decode: decode speed, not attention length
+BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any CPU cache
+BANDWIDTH_REPS = 10  # per method and phase; the max is kept (noise only ever slows a pass)
+
+Encode = Callable[[str], list[int]]
+Decode = Callable[[list[int]], str]
+
+
+# --- pure helpers ---------------------------------------------------------------------------------
+
+
+def summarize(samples: Sequence[float]) -> dict[str, Any]:
+    """Median, min and max of SAMPLES, with the samples themselves (for the JSON)."""
+    if not samples:
+        raise ValueError("summarize() needs at least one sample")
+    values = [float(x) for x in samples]
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "n": len(values),
+        "samples": values,
+    }
+
+
+def ratio(ours: float | None, theirs: float | None) -> float | None:
+    """OURS / THEIRS, or None when either is missing or THEIRS is zero."""
+    if ours is None or not theirs:
+        return None
+    return ours / theirs
+
+
+def weight_bytes_per_token(
+    total_bytes: int, embedding_bytes: int, tied: bool, embedding_row_bytes: int = 0
+) -> int:
+    """Weight bytes that one decoded token reads from memory (batch 1).
+
+    Every weight matrix is streamed once per token, except the token-embedding table: the
+    embedding lookup reads one row of it. When the embeddings are tied, the LM head is that
+    same matrix and reads all of it, so it counts once (TOTAL already holds it once).
+    """
+    if tied:
+        return total_bytes
+    return total_bytes - embedding_bytes + embedding_row_bytes
+
+
+def bound_tokens_per_s(bandwidth_bytes_per_s: float, bytes_per_token: int) -> float:
+    """Decode tokens/s if reading the weights at full memory bandwidth were the only cost."""
+    if bytes_per_token <= 0:
+        raise ValueError(f"bytes_per_token must be > 0 (got {bytes_per_token})")
+    return bandwidth_bytes_per_s / bytes_per_token
+
+
+def best_bandwidth(samples: dict[str, list[float]]) -> tuple[str, float]:
+    """(method, bytes/s) of the fastest single pass over all methods.
+
+    The max, not the median: a pass can only be slowed down by noise, never sped up.
+    """
+    best = max(((m, max(v)) for m, v in samples.items() if v), key=lambda mv: mv[1], default=None)
+    if best is None:
+        raise ValueError("no bandwidth samples")
+    return best
+
+
+def common_prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens A and B share (greedy agreement of two implementations)."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def exact_token_prompt(encode: Encode, decode: Decode, text: str, n: int) -> tuple[str, list[int]]:
+    """A prefix of TEXT whose tokenization is exactly N tokens: (prompt, its token ids).
+
+    The LLM API takes strings, so the prompt is the decoding of the first ids; re-encoding a
+    cut can merge differently at the cut, so cuts near N are tried until one re-encodes to N.
+    """
+    ids = encode(text)
+    if len(ids) < n:
+        raise ValueError(f"text has {len(ids)} tokens, fewer than the {n} asked for")
+    for delta in range(0, 17):
+        for k in (n - delta, n + delta):
+            if not 0 < k <= len(ids):
+                continue
+            prompt = decode(ids[:k])
+            prompt_ids = encode(prompt)
+            if len(prompt_ids) == n:
+                return prompt, prompt_ids
+    raise ValueError(f"no prefix of the text re-encodes to exactly {n} tokens")
+
+
+def pydoc_text() -> str:
+    """Real English/Python text shipped with CPython: the pydoc topics, in sorted key order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def real_text_prompt(encode: Encode, decode: Decode, n: int) -> tuple[str, list[int]]:
+    """A pydoc prompt of exactly N tokens (tokenizes only as much text as it needs)."""
+    text = pydoc_text()
+    chars = 8 * n + 256  # ~4 chars per token: one try is nearly always enough
+    while True:
+        try:
+            return exact_token_prompt(encode, decode, text[:chars], n)
+        except ValueError:
+            if chars >= len(text):
+                raise
+            chars *= 2
+
+
+def format_cell(s: dict[str, Any] | None, digits: int = 1) -> str:
+    """'median [min-max]' of a summary, or '-' when absent."""
+    if s is None:
+        return "-"
+    return f"{s['median']:.{digits}f} [{s['min']:.{digits}f}-{s['max']:.{digits}f}]"
+
+
+def format_ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def format_percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain-text table: first column left-aligned, the others right-aligned."""
+    widths = [max(len(str(r[i])) for r in [headers, *rows]) for i in range(len(headers))]
+
+    def line(cells: Sequence[str]) -> str:
+        parts = [
+            str(c).ljust(w) if i == 0 else str(c).rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ]
+        return "  ".join(parts).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(headers), rule, *(line(r) for r in rows)])
+
+
+# --- weights and memory bandwidth -------------------------------------------------------------------
+
+
+@dataclass
+class WeightBytes:
+    """Weight sizes of one implementation of the model, for the bandwidth bound."""
+
+    source: str  # where the numbers come from
+    total_bytes: int  # every weight tensor once
+    embedding_bytes: int  # the token-embedding table
+    embedding_row_bytes: int
+    tied: bool  # the LM head reads the embedding table
+
+    @property
+    def per_token(self) -> int:
+        return weight_bytes_per_token(
+            self.total_bytes, self.embedding_bytes, self.tied, self.embedding_row_bytes
+        )
+
+
+def engine_weight_bytes(engine_dir: Path, manifest: dict[str, Any]) -> WeightBytes:
+    """Sizes of the engine's ONNX initializers (read from the graph, not the 0.5 GB data file).
+
+    The embedding table is the initializer that a Gather on `input_ids` reads; it is tied when
+    another node (the LM head's Gemm/MatMul) also reads it.
+    """
+    import onnx
+
+    model = onnx.load(
+        str(engine_dir / manifest["files_by_role"]["model"]), load_external_data=False
+    )
+    graph = model.graph
+    sizes: dict[str, tuple[int, int]] = {}  # name -> (bytes, bytes of the last dim's row)
+    for init in graph.initializer:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        dims = [int(d) for d in init.dims]
+        sizes[init.name] = (int(np.prod(dims)) * itemsize, (dims[-1] if dims else 1) * itemsize)
+    embedding = next(
+        (
+            n.input[0]
+            for n in graph.node
+            if n.op_type == "Gather" and n.input[0] in sizes and "input_ids" in n.input[1:]
+        ),
+        None,
+    )
+    if embedding is None:
+        raise ValueError(f"{engine_dir}: no Gather of input_ids over an initializer in the graph")
+    readers = sum(1 for n in graph.node for i in n.input if i == embedding)
+    return WeightBytes(
+        source="onnx initializers",
+        total_bytes=sum(b for b, _ in sizes.values()),
+        embedding_bytes=sizes[embedding][0],
+        embedding_row_bytes=sizes[embedding][1],
+        tied=readers > 1,
+    )
+
+
+def torch_weight_bytes(model: Any) -> WeightBytes:
+    """Sizes of a transformers model's parameters (parameters() yields a tied tensor once)."""
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    return WeightBytes(
+        source="torch parameters",
+        total_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        embedding_bytes=emb.numel() * emb.element_size(),
+        embedding_row_bytes=emb.shape[-1] * emb.element_size(),
+        tied=head is not None and head.weight.data_ptr() == emb.data_ptr(),
+    )
+
+
+def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, reps: int = BANDWIDTH_REPS) -> dict[str, Any]:
+    """Read-only memory bandwidth (bytes/s) of full passes that sum a float32 array.
+
+    numpy's reduction runs on one thread; torch's uses all its threads, which is what a decode
+    step does too. Both are kept (raw samples in the JSON) and the faster one is the bound.
+    """
+    import torch
+
+    data = np.full(nbytes // 4, 1.0, np.float32)  # written once so every page is resident
+    tensor = torch.from_numpy(data)
+    methods: dict[str, Callable[[], object]] = {
+        "numpy np.add.reduce (1 thread)": lambda: np.add.reduce(data),
+        f"torch.sum ({torch.get_num_threads()} threads)": lambda: tensor.sum(),
+    }
+    samples: dict[str, list[float]] = {}
+    for name, fn in methods.items():
+        fn()  # warm-up
+        samples[name] = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            fn()
+            samples[name].append(data.nbytes / (time.perf_counter() - start))
+    return {
+        "array_bytes": data.nbytes,
+        "reps": reps,
+        # Other processes on the machine share the memory bus: the load says how quiet it was.
+        "load_average_1m": os.getloadavg()[0],
+        "samples_bytes_per_s": samples,
+    }
+
+
+# --- the measurements -----------------------------------------------------------------------------
+
+
+def ours_prefill(llm: Any, prompt: str) -> float:
+    """Prefill tokens/s of the engine: the engine calls that process PROMPT (max_tokens=1)."""
+    from enginesmith.runtime.sampling import SamplingParams
+
+    (out,) = llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True))
+    return out.stats.prefill_tokens_per_s
+
+
+def ours_decode(llm: Any, prompt: str, tokens: int) -> dict[str, Any]:
+    """Greedy decode of TOKENS tokens after PROMPT.
+
+    `wall_tokens_per_s` spans first to last token as the caller sees them (sampling and
+    detokenizing included): the same clock as transformers' streamer timestamps, so it is the
+    one compared. `step_tokens_per_s` is stats.decode_tokens_per_s (engine steps only).
+    """
+    from enginesmith.runtime.sampling import SamplingParams
+
+    (out,) = llm.generate(prompt, SamplingParams(max_tokens=tokens, ignore_eos=True))
+    s = out.stats
+    steps = s.generated_tokens - 1
+    wall = s.total_s - s.time_to_first_token_s
+    return {
+        "wall_tokens_per_s": steps / wall if wall > 0 and steps > 0 else 0.0,
+        "step_tokens_per_s": s.decode_tokens_per_s,
+        "generated_tokens": s.generated_tokens,
+        "token_ids": list(out.token_ids),
+    }
+
+
+def peer_prefill(model: Any, ids: list[int]) -> float:
+    """Prefill tokens/s of transformers: one forward of IDS as generate() runs it (KV cache on,
+    logits of the last position only)."""
+    import torch
+
+    input_ids = torch.tensor([ids])
+    with torch.no_grad():
+        start = time.perf_counter()
+        model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
+        elapsed = time.perf_counter() - start
+    return len(ids) / elapsed
+
+
+class TokenClock:
+    """A generate() streamer that only timestamps each put().
+
+    generate() puts the prompt first, then every new token right after it is chosen, so
+    times[1] is the first token (end of prefill) and times[-1] the last.
+    """
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: Any) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def peer_decode(model: Any, ids: list[int], tokens: int, pad_token_id: int) -> dict[str, Any]:
+    """Greedy decode with model.generate(); tokens/s from first to last token (streamer clock),
+    which excludes prefill exactly like the engine's decode rate."""
+    import torch
+
+    input_ids = torch.tensor([ids])
+    clock = TokenClock()
+    with torch.no_grad():
+        out = model.generate(
+            input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            do_sample=False,
+            max_new_tokens=tokens,
+            min_new_tokens=tokens,
+            pad_token_id=pad_token_id,
+            streamer=clock,
+        )
+    new = out[0, len(ids) :].tolist()
+    steps = len(clock.times) - 2  # minus the prompt put and the first token
+    wall = clock.times[-1] - clock.times[1] if steps > 0 else 0.0
+    return {
+        "wall_tokens_per_s": steps / wall if wall > 0 else 0.0,
+        "generated_tokens": len(new),
+        "token_ids": new,
+    }
+
+
+# --- setup ----------------------------------------------------------------------------------------
+
+
+def log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def default_engine_dir() -> Path:
+    from enginesmith.compiler.presets import cache_dir
+
+    return cache_dir() / "engines" / f"{DEFAULT_MODEL}-bench"
+
+
+def ensure_engine(engine_dir: Path) -> Path:
+    """ENGINE_DIR, built from the SmolLM2 preset first if it does not exist yet."""
+    from enginesmith.compiler.errors import EngineDirError
+
+    engine_dir = engine_dir.expanduser()
+    if (engine_dir / "manifest.json").is_file():
+        return engine_dir
+    if engine_dir.exists():
+        raise EngineDirError(
+            f"{engine_dir} exists but has no manifest.json: pass another --engine or remove it"
+        )
+    from enginesmith.compiler.build import build
+    from enginesmith.compiler.config import BuildConfig
+
+    log(f"no engine at {engine_dir}: building {DEFAULT_MODEL} (about a minute)")
+    build(BuildConfig(model=DEFAULT_MODEL, output=engine_dir), log=log)
+    return engine_dir
+
+
+def command_line() -> str:
+    """The command as typed (/proc/self/cmdline keeps `-m module`; sys.argv does not)."""
+    try:
+        raw = Path("/proc/self/cmdline").read_bytes()
+        args = [a.decode(errors="replace") for a in raw.split(b"\0") if a]
+    except OSError:
+        args = [sys.executable, *sys.argv]
+    return shlex.join(args)
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    return {
+        "cpu_count": os.cpu_count(),
+        "cpu_model": _cpu_model(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch_threads": torch.get_num_threads(),
+        "enginesmith_threads_env": os.environ.get("ENGINESMITH_THREADS"),
+        "versions": {
+            name: package_version(name)
+            for name in ("enginesmith", "torch", "onnxruntime", "transformers", "numpy", "onnx")
+        },
+    }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
+
+
+# --- the run --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="enginesmith bench",
+        description=(
+            "Benchmark prefill and batch-1 decode of an engine against Hugging Face transformers "
+            "on the same weights, and decode against the memory-bandwidth bound. Prints a table "
+            "and writes every raw sample to a JSON file."
+        ),
+    )
+    p.add_argument(
+        "--engine",
+        type=Path,
+        metavar="DIR",
+        help="engine directory to benchmark; built from the smollm2-135m preset if it does not "
+        "exist (default: <cache>/engines/smollm2-135m-bench)",
+    )
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=3,
+        metavar="N",
+        help="timed repetitions of each measurement after one warm-up; the table shows the "
+        "median [min-max] (default: 3, minimum 1)",
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="length of the prefill prompt in tokens, real text from Python's docs (default: 512)",
+    )
+    p.add_argument(
+        "--decode-tokens",
+        type=int,
+        default=256,
+        metavar="N",
+        help=f"greedy tokens to decode at batch 1 after a {DECODE_PROMPT_TOKENS}-token prompt "
+        "(default: 256)",
+    )
+    p.add_argument(
+        "--json",
+        type=Path,
+        metavar="PATH",
+        help="where to write the results (default: <cache>/bench/decode-<timestamp>.json)",
+    )
+    p.add_argument(
+        "--skip-transformers",
+        action="store_true",
+        help="measure only the engine (no transformers model is loaded; no ratios)",
+    )
+    return p
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.runs < 1:
+        p.error(f"--runs must be >= 1 (got {args.runs})")
+    if args.prefill_tokens < 1:
+        p.error(f"--prefill-tokens must be >= 1 (got {args.prefill_tokens})")
+    if args.decode_tokens < 2:
+        p.error(
+            f"--decode-tokens must be >= 2: decode speed excludes the first (got {args.decode_tokens})"
+        )
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+    """Every measurement of one benchmark run, as the JSON-able result dict."""
+    from enginesmith.compiler.errors import InvalidRequestError
+    from enginesmith.runtime.llm import LLM
+
+    engine_dir = ensure_engine(args.engine or default_engine_dir())
+    bandwidth = {"before": measure_bandwidth()}  # before any model takes memory or cache
+
+    log(f"loading engine {engine_dir}")
+    llm = LLM(engine_dir)
+    max_seq = llm.max_seq_len
+    if args.prefill_tokens >= max_seq or DECODE_PROMPT_TOKENS + args.decode_tokens >= max_seq:
+        raise InvalidRequestError(
+            f"this engine holds {max_seq} tokens per sequence: lower --prefill-tokens or "
+            "--decode-tokens"
+        )
+    tok = llm.tokenizer
+
+    def encode(s: str) -> list[int]:
+        return tok(s).input_ids  # exactly what LLM.generate feeds the engine
+
+    def decode(ids: list[int]) -> str:
+        return tok.decode(ids)
+
+    prefill_prompt, prefill_ids = real_text_prompt(encode, decode, args.prefill_tokens)
+    decode_prompt, decode_ids = real_text_prompt(encode, decode, DECODE_PROMPT_TOKENS)
+
+    peer = None
+    if not args.skip_transformers:
+        from enginesmith.compiler.sources import load_model
+
+        source = llm.manifest.get("source", {}).get("model", DEFAULT_MODEL)
+        log(f"loading transformers model {source}")
+        peer = load_model(source)
+        peer.model.eval()
+
+    samples: dict[str, list[float]] = {
+        "ours_prefill": [],
+        "ours_decode": [],
+        "ours_decode_step_only": [],
+        "transformers_prefill": [],
+        "transformers_decode": [],
+    }
+    last: dict[str, Any] = {}
+    for rep in range(args.runs + 1):
+        label = "warm-up" if rep == 0 else f"run {rep}/{args.runs}"
+        log(f"{label}: prefill {len(prefill_ids)} tokens, decode {args.decode_tokens} tokens")
+        # Interleaved: ours then transformers for each phase, so a noisy second hits both.
+        p_ours = ours_prefill(llm, prefill_prompt)
+        p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
+        d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
+        d_peer = (
+            peer_decode(peer.model, decode_ids, args.decode_tokens, tok.eos_token_id or 0)
+            if peer
+            else None
+        )
+        last = {"ours": d_ours, "transformers": d_peer}
+        if rep == 0:
+            continue
+        samples["ours_prefill"].append(p_ours)
+        samples["ours_decode"].append(d_ours["wall_tokens_per_s"])
+        samples["ours_decode_step_only"].append(d_ours["step_tokens_per_s"])
+        if peer:
+            samples["transformers_prefill"].append(p_peer)
+            samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
+
+    bandwidth["after"] = measure_bandwidth()
+    return _results(
+        args, argv, engine_dir, llm, peer, prefill_ids, decode_ids, samples, last, bandwidth
+    )
+
+
+def _results(
+    args: argparse.Namespace,
+    argv: list[str],
+    engine_dir: Path,
+    llm: Any,
+    peer: Any,
+    prefill_ids: list[int],
+    decode_ids: list[int],
+    samples: dict[str, list[float]],
+    last: dict[str, Any],
+    bandwidth: dict[str, Any],
+) -> dict[str, Any]:
+    """Summaries, ratios and the bandwidth bound from the raw samples."""
+    summary = {k: summarize(v) for k, v in samples.items() if v}
+    all_bw: dict[str, list[float]] = {}
+    for phase in bandwidth.values():
+        for method, values in phase["samples_bytes_per_s"].items():
+            all_bw.setdefault(method, []).extend(values)
+    bw_method, bw = best_bandwidth(all_bw)
+    weights = {"ours": engine_weight_bytes(engine_dir, llm.manifest)}
+    if peer:
+        weights["transformers"] = torch_weight_bytes(peer.model)
+
+    def med(key: str) -> float | None:
+        return summary[key]["median"] if key in summary else None
+
+    impl = {}
+    for name in ("ours", "transformers"):
+        if name not in weights:
+            continue
+        bound = bound_tokens_per_s(bw, weights[name].per_token)
+        impl[name] = {
+            "prefill_tokens_per_s": summary.get(f"{name}_prefill"),
+            "decode_tokens_per_s": summary.get(f"{name}_decode"),
+            "weights": {**asdict(weights[name]), "bytes_per_token": weights[name].per_token},
+            "bound_tokens_per_s": bound,
+            "decode_fraction_of_bound": ratio(med(f"{name}_decode"), bound),
+        }
+    impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
+    peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
+    return {
+        "benchmark": "decode-prefill-vs-transformers",
+        "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "command": command_line(),
+        "cwd": os.getcwd(),
+        "argv": argv,
+        "engine_dir": str(engine_dir),
+        "model": llm.manifest.get("source", {}).get("model"),
+        "machine": machine_info(),
+        "settings": {
+            "runs": args.runs,
+            "warmup_runs": 1,
+            "batch": 1,
+            "prefill_prompt_tokens": len(prefill_ids),
+            "decode_prompt_tokens": len(decode_ids),
+            "decode_tokens": args.decode_tokens,
+            "prompt_source": "pydoc_data.topics, sorted keys",
+            "ours_prefill_timing": "stats.prefill_tokens_per_s (engine calls of the prompt)",
+            "ours_decode_timing": "(generated-1)/(total_s - time_to_first_token_s)",
+            "transformers_prefill_timing": "one model() forward, no_grad, use_cache, logits_to_keep=1",
+            "transformers_decode_timing": "generate() streamer timestamps, first to last token",
+        },
+        "bandwidth": {
+            "best_bytes_per_s": bw,
+            "best_method": bw_method,
+            "phases": bandwidth,
+        },
+        "implementations": impl,
+        "ratios": {
+            "prefill": ratio(med("ours_prefill"), med("transformers_prefill")),
+            "decode": ratio(med("ours_decode"), med("transformers_decode")),
+        },
+        "greedy_agreement": {
+            "tokens_compared": args.decode_tokens,
+            "common_prefix": (
+                common_prefix_len(last["ours"]["token_ids"], peer_tokens) if peer_tokens else None
+            ),
+        },
+    }
+
+
+def render(result: dict[str, Any]) -> str:
+    """The human-readable report: a settings header and the table."""
+    s = result["settings"]
+    bw = result["bandwidth"]
+    ours = result["implementations"]["ours"]
+    peer = result["implementations"].get("transformers")
+    r = result["ratios"]
+    headers = [
+        "engine",
+        "prefill tok/s",
+        "decode tok/s",
+        "prefill vs hf",
+        "decode vs hf",
+        "% of bound",
+    ]
+    rows = [
+        [
+            "enginesmith (onnxruntime)",
+            format_cell(ours["prefill_tokens_per_s"], 0),
+            format_cell(ours["decode_tokens_per_s"]),
+            format_ratio(r["prefill"]),
+            format_ratio(r["decode"]),
+            format_percent(ours["decode_fraction_of_bound"]),
+        ]
+    ]
+    if peer:
+        rows.append(
+            [
+                "transformers (torch)",
+                format_cell(peer["prefill_tokens_per_s"], 0),
+                format_cell(peer["decode_tokens_per_s"]),
+                "1.00x",
+                "1.00x",
+                format_percent(peer["decode_fraction_of_bound"]),
+            ]
+        )
+    step = ours["decode_step_only_tokens_per_s"]
+    agree = result["greedy_agreement"]["common_prefix"]
+    lines = [
+        f"model {result['model']}, fp32, batch 1, {s['runs']} runs after 1 warm-up: "
+        "median [min-max]",
+        f"prefill: {s['prefill_prompt_tokens']}-token prompt; decode: {s['decode_tokens']} greedy "
+        f"tokens after a {s['decode_prompt_tokens']}-token prompt",
+        f"memory bandwidth {bw['best_bytes_per_s'] / 1e9:.1f} GB/s ({bw['best_method']}, best pass); "
+        f"weights read per token {ours['weights']['bytes_per_token'] / 1e6:.1f} MB -> bound "
+        f"{ours['bound_tokens_per_s']:.1f} tok/s",
+        "",
+        format_table(headers, rows),
+        "",
+        f"engine decode counting engine steps only (stats.decode_tokens_per_s): {format_cell(step)}",
+    ]
+    if agree is not None:
+        lines.append(
+            f"greedy tokens identical to transformers: first {agree} of {s['decode_tokens']}"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `enginesmith bench` and `python -m enginesmith.runtime.bench`."""
+    from enginesmith.compiler.errors import EnginesmithError
+    from enginesmith.compiler.presets import cache_dir
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _check_args(parser, args)
+    try:
+        result = run(args, argv)
+    except EnginesmithError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = (args.json or cache_dir() / "bench" / f"decode-{stamp}.json").expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(render(result))
+    print(f"\nresults: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""`enginesmith`: run engine directories (generate, chat, inspect, bench)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from enginesmith.compiler.errors import EnginesmithError
+
+
+def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--max-tokens",
+        type=int,
+        default=64,
+        metavar="N",
+        help="tokens to generate at most (default: 64)",
+    )
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=0.0,
+        metavar="T",
+        help="sampling temperature; 0 = greedy (default: 0)",
+    )
+    p.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        metavar="K",
+        help="sample from the K most likely tokens; 0 = off",
+    )
+    p.add_argument(
+        "--top-p",
+        type=float,
+        default=1.0,
+        metavar="P",
+        help="nucleus sampling: smallest token set with probability >= P, in (0, 1] (default: 1)",
+    )
+    p.add_argument("--seed", type=int, default=None, help="random seed for reproducible sampling")
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="stop when TEXT is generated (not included in the output); repeatable",
+    )
+    p.add_argument(
+        "--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token"
+    )
+    p.add_argument("--no-stream", action="store_true", help="print the whole completion at the end")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="enginesmith", description="Run enginesmith engine directories."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = sub.add_parser(
+        "generate",
+        help="complete a prompt with an engine",
+        description="Complete PROMPT with the engine in ENGINE_DIR; prints text and speed.",
+    )
+    gen.add_argument(
+        "engine_dir", type=Path, metavar="ENGINE_DIR", help="directory made by build-engine"
+    )
+    gen.add_argument("prompt", metavar="PROMPT", help="text to complete")
+    gen.add_argument(
+        "--chat",
+        action="store_true",
+        help="wrap PROMPT as a user message in the model's chat template",
+    )
+    _add_sampling_flags(gen)
+
+    ins = sub.add_parser(
+        "inspect",
+        help="show an engine's manifest, files and build report",
+        description="Print ENGINE_DIR's manifest, file sizes and build report as tables.",
+    )
+    ins.add_argument(
+        "engine_dir", type=Path, metavar="ENGINE_DIR", help="directory made by build-engine"
+    )
+    ins.add_argument(
+        "--json", action="store_true", help="print the raw manifest and build report as JSON"
+    )
+
+    sub.add_parser(
+        "bench",
+        help="benchmark prefill/decode against transformers (see: enginesmith bench --help)",
+        add_help=False,
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"]:
+        from enginesmith.runtime import bench
+
+        return bench.main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "generate":
+            return _generate(args)
+        return _inspect(args)
+    except EnginesmithError as exc:
+        print(f"enginesmith: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from enginesmith.runtime.llm import LLM
+    from enginesmith.runtime.sampling import SamplingParams
+
+    params = SamplingParams(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        stop=tuple(args.stop),
+        ignore_eos=args.ignore_eos,
+    )
+    llm = LLM(args.engine_dir)
+    prompt = args.prompt
+    if args.chat:
+        prompt = llm.tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+    stream = llm.stream(prompt, params)
+    for delta in stream:
+        if not args.no_stream:
+            print(delta, end="", flush=True)
+    out = stream.output
+    assert out is not None  # set when the stream is exhausted
+    if args.no_stream:
+        print(out.text, end="")
+    s = out.stats
+    print(
+        f"\n\n[{s.prompt_tokens} prompt tokens, {s.generated_tokens} generated, finish={out.finish_reason}; "
+        f"prefill {s.prefill_tokens_per_s:.0f} tok/s, decode {s.decode_tokens_per_s:.1f} tok/s, "
+        f"first token {s.time_to_first_token_s * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def _table(rows: list[tuple[str, Any]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from enginesmith.compiler.artifact import read_manifest
+
+    root = args.engine_dir
+    manifest = read_manifest(root)
+    report_path = root / "build_report.json"
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    if args.json:
+        print(json.dumps({"manifest": manifest, "build_report": report}, indent=2))
+        return 0
+    m, kv = manifest["model"], manifest["kv_cache"]
+    print(f"engine {root}  (files verified)")
+    print(
+        _table(
+            [
+                ("format_version", manifest["format_version"]),
+                ("enginesmith", manifest["enginesmith_version"]),
+                ("backend", f"{manifest['backend']} {manifest.get('backend_versions', {})}"),
+                ("source", f"{manifest['source']['model']} ({manifest['source']['kind']})"),
+                ("architecture", manifest["architecture"]),
+                ("layers / hidden", f"{m['num_layers']} / {m['hidden_size']}"),
+                (
+                    "heads / kv heads / dim",
+                    f"{m['num_heads']} / {m['num_kv_heads']} / {m['head_dim']}",
+                ),
+                ("vocab", m["vocab_size"]),
+                ("sliding window", m["sliding_window"]),
+                ("max batch / max seq len", f"{manifest['max_batch']} / {manifest['max_seq_len']}"),
+                (
+                    "kv cache",
+                    f"{kv['layout']} {kv['format']} {kv['dtype']}, {kv['bytes_per_token']} B/token, "
+                    f"{kv['total_bytes'] / 2**20:.1f} MiB preallocated",
+                ),
+                ("dtypes", manifest["dtypes"]),
+                ("passes", ", ".join(manifest["passes"])),
+                ("eos token ids", manifest["eos_token_ids"]),
+            ]
+        )
+    )
+    print("\nfiles")
+    print(
+        _table(
+            [
+                (rel, f"{(root / rel).stat().st_size / 1e6:10.2f} MB  sha256 {h[:12]}")
+                for rel, h in manifest["files"].items()
+            ]
+        )
+    )
+    if report:
+        print("\nbuild report")
+        rows: list[tuple[str, Any]] = [
+            (f"stage: {k}", f"{v:.2f} s") for k, v in report.get("stage_seconds", {}).items()
+        ]
+        for p in report.get("passes", []):
+            detail = {
+                k: v
+                for k, v in p.items()
+                if k not in ("name", "seconds", "modified", "fused_layers")
+            }
+            rows.append((f"pass: {p['name']}", f"{p['seconds']:.2f} s  {json.dumps(detail)}"))
+        if "verify" in report:
+            v = report["verify"]
+            rows.append(
+                (
+                    "verify vs transformers",
+                    f"max |diff| {v['max_abs_diff']:.2e}, relative {v['relative_diff']:.2e}, "
+                    f"top-1 agreement {v['top1_agreement']:.3f} over {v['tokens']} tokens",
+                )
+            )
+        print(_table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Shared fixtures: engines are built once per test session into a temporary directory."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from enginesmith.compiler.build import build
+from enginesmith.compiler.config import BuildConfig
+
+TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
+PROMPTS = (
+    "def fibonacci(n):",
+    "The quick brown fox jumps over the lazy dog.",
+    "In the beginning the Universe was created.",
+)
+
+
+def build_quiet(model: str, output: Path, **kwargs: object) -> Path:
+    build(BuildConfig(model=model, output=output, **kwargs), log=lambda _msg: None)  # type: ignore[arg-type]
+    return output
+
+
+@pytest.fixture(scope="session")
+def engines_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="session")
+def tiny_engine(engines_root: Path):  # type: ignore[no-untyped-def]
+    """tiny_engine(preset, **build_kwargs) -> engine dir, built once per (preset, kwargs)."""
+    built: dict[tuple, Path] = {}
+
+    def get(preset: str, **kwargs: object) -> Path:
+        key = (preset, tuple(sorted(kwargs.items())))
+        if key not in built:
+            name = f"{preset}-" + "-".join(f"{k}{v}" for k, v in sorted(kwargs.items()))
+            built[key] = build_quiet(preset, engines_root / name, **kwargs)
+        return built[key]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def smollm2_engine(engines_root: Path) -> Path:
+    """The real SmolLM2-135M engine (about a minute to build)."""
+    return build_quiet("smollm2-135m", engines_root / "smollm2", max_batch=4, max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def hf_models():  # type: ignore[no-untyped-def]
+    """load(name) -> LoadedModel from transformers, cached for the session."""
+    from enginesmith.compiler.sources import load_model
+
+    cache: dict[str, object] = {}
+
+    def load(name: str):  # type: ignore[no-untyped-def]
+        if name not in cache:
+            cache[name] = load_model(name)
+        return cache[name]
+
+    return load
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _threads() -> None:
+    os.environ.setdefault("ENGINESMITH_THREADS", "2")

@@ -1,0 +1,80 @@
+"""Our engines against Hugging Face transformers on the same weights (the reference).
+
+Greedy tokens must be identical to `model.generate(do_sample=False)`; last-position logits must
+agree within LOGITS_RTOL relative to the largest |logit| (fp32)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from enginesmith import LLM, SamplingParams
+from tests.conftest import PROMPTS, TINY_PRESETS
+
+LOGITS_RTOL = 1e-4
+NEW_TOKENS = 32
+
+
+def hf_greedy(loaded, prompt: str, n: int) -> list[int]:  # type: ignore[no-untyped-def]
+    ids = loaded.tokenizer(prompt, return_tensors="pt").input_ids
+    with torch.no_grad():
+        out = loaded.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            do_sample=False,
+            max_new_tokens=n,
+            min_new_tokens=n,
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def last_logits_relative_diff(llm: LLM, loaded, prompt: str) -> float:  # type: ignore[no-untyped-def]
+    ids = llm.tokenizer(prompt).input_ids
+    n = len(ids)
+    ours = llm.session.step(
+        0,
+        np.array([ids]),
+        np.arange(n)[None],
+        np.array([n - 1], np.int32),
+        np.array([n], np.int32),
+        np.array([n - 1]),
+    )[0]
+    with torch.no_grad():
+        ref = loaded.model(torch.tensor([ids])).logits[0, -1].numpy()
+    diff = float(np.abs(ours - ref).max() / np.abs(ref).max())
+    print(f"{prompt[:20]!r}: max relative logit diff {diff:.2e} (limit {LOGITS_RTOL})")
+    return diff
+
+
+def check_model(llm: LLM, loaded) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(max_tokens=NEW_TOKENS, ignore_eos=True)
+    batched = llm.generate(list(PROMPTS), params)  # all prompts share the batch
+    for prompt, out in zip(PROMPTS, batched, strict=True):
+        reference = hf_greedy(loaded, prompt, NEW_TOKENS)
+        assert out.token_ids == reference, (
+            f"{prompt!r}: ours {out.token_ids} != transformers {reference}"
+        )
+        assert len(out.token_ids) == NEW_TOKENS and out.finish_reason == "length"
+        assert last_logits_relative_diff(llm, loaded, prompt) < LOGITS_RTOL
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_tiny_models_match_transformers(preset: str, tiny_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine(preset))
+    check_model(llm, hf_models(preset))
+
+
+def test_sliding_window_is_exercised(tiny_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
+    """tiny-mistral's window (16) is shorter than prompt + 32 tokens, so the window matters:
+    the full-attention answer differs from the windowed one the engine must reproduce."""
+    loaded = hf_models("tiny-mistral")
+    assert loaded.config.sliding_window == 16
+    ids = loaded.tokenizer(PROMPTS[1], return_tensors="pt").input_ids
+    assert ids.shape[1] + NEW_TOKENS > 16
+
+
+@pytest.mark.slow
+def test_smollm2_matches_transformers(smollm2_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(smollm2_engine)
+    check_model(llm, hf_models("smollm2-135m"))

@@ -1,0 +1,320 @@
+"""Tests for the pure helpers of enginesmith.runtime.bench (no model is loaded, nothing is timed)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from enginesmith.runtime import bench
+
+# --- statistics and ratios ------------------------------------------------------------------------
+
+
+def test_summarize_odd_and_even() -> None:
+    s = bench.summarize([3.0, 1.0, 2.0])
+    assert (s["median"], s["min"], s["max"], s["n"]) == (2.0, 1.0, 3.0, 3)
+    assert s["samples"] == [3.0, 1.0, 2.0]  # raw order kept for the JSON
+    assert bench.summarize([1, 2, 3, 10])["median"] == 2.5
+
+
+def test_summarize_needs_samples() -> None:
+    with pytest.raises(ValueError):
+        bench.summarize([])
+
+
+def test_ratio() -> None:
+    assert bench.ratio(68.0, 32.0) == pytest.approx(2.125)
+    assert bench.ratio(None, 32.0) is None
+    assert bench.ratio(68.0, None) is None
+    assert bench.ratio(68.0, 0.0) is None
+
+
+def test_common_prefix_len() -> None:
+    assert bench.common_prefix_len([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert bench.common_prefix_len([1, 2], [1, 2, 3]) == 2
+    assert bench.common_prefix_len([], [1]) == 0
+
+
+# --- bandwidth bound ------------------------------------------------------------------------------
+
+
+def test_bytes_per_token_tied_counts_the_embedding_once() -> None:
+    # The LM head streams the shared matrix: every weight byte is read, once.
+    assert bench.weight_bytes_per_token(1000, 300, tied=True, embedding_row_bytes=3) == 1000
+
+
+def test_bytes_per_token_untied_reads_one_embedding_row() -> None:
+    assert bench.weight_bytes_per_token(1000, 300, tied=False, embedding_row_bytes=3) == 703
+    assert bench.weight_bytes_per_token(1000, 300, tied=False) == 700
+
+
+def test_bound_tokens_per_s() -> None:
+    assert bench.bound_tokens_per_s(34e9, 538_060_032) == pytest.approx(63.19, abs=0.01)
+    with pytest.raises(ValueError):
+        bench.bound_tokens_per_s(34e9, 0)
+
+
+def test_best_bandwidth_is_the_fastest_pass_of_any_method() -> None:
+    method, bw = bench.best_bandwidth({"numpy": [20e9, 24e9], "torch": [40e9, 77e9], "none": []})
+    assert (method, bw) == ("torch", 77e9)
+    with pytest.raises(ValueError):
+        bench.best_bandwidth({"numpy": []})
+
+
+def test_weight_bytes_dataclass_per_token() -> None:
+    w = bench.WeightBytes(
+        "t", total_bytes=1000, embedding_bytes=300, embedding_row_bytes=3, tied=False
+    )
+    assert w.per_token == 703
+
+
+def _onnx_lm(tied: bool, path: Path) -> Path:
+    """A 2-layer toy LM graph: Gather(embedding) -> MatMul -> LM head (Gemm, transB)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    vocab, hidden = 10, 4
+    inits = [
+        numpy_helper.from_array(np.zeros((vocab, hidden), np.float32), "embed"),
+        numpy_helper.from_array(np.zeros((hidden, hidden), np.float32), "w"),
+    ]
+    head = "embed"
+    if not tied:
+        inits.append(numpy_helper.from_array(np.zeros((vocab, hidden), np.float32), "lm_head"))
+        head = "lm_head"
+    nodes = [
+        helper.make_node("Gather", ["embed", "input_ids"], ["x"]),
+        helper.make_node("MatMul", ["x", "w"], ["h"]),
+        helper.make_node("Gemm", ["h", head], ["logits"], transB=1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "toy",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [3, vocab])],
+        inits,
+    )
+    file = path / "model.onnx"
+    onnx.save(helper.make_model(graph), str(file))
+    return file
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_engine_weight_bytes_from_onnx_initializers(tmp_path: Path, tied: bool) -> None:
+    _onnx_lm(tied, tmp_path)
+    w = bench.engine_weight_bytes(tmp_path, {"files_by_role": {"model": "model.onnx"}})
+    emb = 10 * 4 * 4
+    assert w.embedding_bytes == emb
+    assert w.embedding_row_bytes == 4 * 4
+    assert w.tied is tied
+    assert w.total_bytes == emb + 4 * 4 * 4 + (0 if tied else emb)
+    # Tied: all weights once. Untied: the head is read, the embedding only one row.
+    assert w.per_token == (w.total_bytes if tied else w.total_bytes - emb + 16)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_torch_weight_bytes(tied: bool) -> None:
+    import torch
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.embed = torch.nn.Embedding(10, 4)
+            self.mid = torch.nn.Linear(4, 4, bias=False)
+            self.head = torch.nn.Linear(4, 10, bias=False)
+            if tied:
+                self.head.weight = self.embed.weight
+
+        def get_input_embeddings(self) -> Any:
+            return self.embed
+
+        def get_output_embeddings(self) -> Any:
+            return self.head
+
+    w = bench.torch_weight_bytes(Toy())
+    assert w.tied is tied
+    assert w.embedding_bytes == 160
+    assert w.total_bytes == 160 + 64 + (0 if tied else 160)
+
+
+# --- prompts --------------------------------------------------------------------------------------
+
+
+def _words() -> tuple[bench.Encode, bench.Decode]:
+    """A word-level toy tokenizer whose decode drops '!' (like skipped special tokens)."""
+
+    def encode(s: str) -> list[int]:
+        return [hash(w) for w in s.split()]  # ids only need to round-trip via the table
+
+    table: dict[int, str] = {}
+
+    def encode_keep(s: str) -> list[int]:
+        ids = encode(s)
+        table.update(zip(ids, s.split(), strict=True))
+        return ids
+
+    def decode(ids: list[int]) -> str:
+        return " ".join(table[i] for i in ids if table[i] != "!")
+
+    return encode_keep, decode
+
+
+def test_exact_token_prompt_plain_cut() -> None:
+    encode, decode = _words()
+    prompt, ids = bench.exact_token_prompt(encode, decode, "a b c d e f", 4)
+    assert prompt == "a b c d"
+    assert len(ids) == 4
+
+
+def test_exact_token_prompt_searches_past_a_lossy_cut() -> None:
+    encode, decode = _words()
+    # The first 3 ids decode to "a b" (2 tokens): the search must move the cut to 4 ids.
+    prompt, ids = bench.exact_token_prompt(encode, decode, "a b ! c d", 3)
+    assert prompt == "a b c"
+    assert len(ids) == 3
+
+
+def test_exact_token_prompt_too_short() -> None:
+    encode, decode = _words()
+    with pytest.raises(ValueError, match="fewer"):
+        bench.exact_token_prompt(encode, decode, "a b", 5)
+
+
+def test_real_text_prompt_is_pydoc_text_of_exact_length() -> None:
+    encode, decode = _words()
+    prompt, ids = bench.real_text_prompt(encode, decode, 300)
+    assert len(ids) == 300
+    assert prompt.split() == bench.pydoc_text().split()[:300]
+
+
+# --- output ---------------------------------------------------------------------------------------
+
+
+def test_format_table_aligns_columns() -> None:
+    out = bench.format_table(["engine", "tok/s"], [["ours", "68.1"], ["transformers", "9.5"]])
+    lines = out.splitlines()
+    assert lines[0] == "engine" + " " * 8 + "tok/s"
+    assert lines[1] == "-" * 12 + "  " + "-" * 5
+    assert lines[2] == "ours" + " " * 11 + "68.1"  # first column left, numbers right-aligned
+    assert lines[3] == "transformers" + " " * 4 + "9.5"
+
+
+def test_format_cells() -> None:
+    s = bench.summarize([67.04, 68.26, 66.0])
+    assert bench.format_cell(s) == "67.0 [66.0-68.3]"
+    assert bench.format_cell(s, 0) == "67 [66-68]"
+    assert bench.format_cell(None) == "-"
+    assert bench.format_ratio(2.125) == "2.12x"
+    assert bench.format_ratio(None) == "-"
+    assert bench.format_percent(0.4567) == "45.7%"
+
+
+def _result(with_peer: bool) -> dict[str, Any]:
+    weights = {"bytes_per_token": 538_060_032}
+    impl: dict[str, Any] = {
+        "ours": {
+            "prefill_tokens_per_s": bench.summarize([900.0, 1000.0, 1100.0]),
+            "decode_tokens_per_s": bench.summarize([67.0, 68.0, 69.0]),
+            "decode_step_only_tokens_per_s": bench.summarize([68.0, 69.0, 70.0]),
+            "weights": weights,
+            "bound_tokens_per_s": 143.0,
+            "decode_fraction_of_bound": 68.0 / 143.0,
+        }
+    }
+    if with_peer:
+        impl["transformers"] = {
+            "prefill_tokens_per_s": bench.summarize([400.0]),
+            "decode_tokens_per_s": bench.summarize([32.0]),
+            "weights": weights,
+            "bound_tokens_per_s": 143.0,
+            "decode_fraction_of_bound": 32.0 / 143.0,
+        }
+    return {
+        "model": "smollm2-135m",
+        "settings": {
+            "runs": 3,
+            "prefill_prompt_tokens": 512,
+            "decode_prompt_tokens": 32,
+            "decode_tokens": 256,
+        },
+        "bandwidth": {"best_bytes_per_s": 77e9, "best_method": "torch.sum (2 threads)"},
+        "implementations": impl,
+        "ratios": {"prefill": 2.5 if with_peer else None, "decode": 2.125 if with_peer else None},
+        "greedy_agreement": {"common_prefix": 200 if with_peer else None},
+    }
+
+
+def test_render_with_transformers() -> None:
+    out = bench.render(_result(with_peer=True))
+    assert "77.0 GB/s" in out
+    assert "bound 143.0 tok/s" in out
+    ours_row = next(line for line in out.splitlines() if line.startswith("enginesmith"))
+    assert "1000 [900-1100]" in ours_row
+    assert "68.0 [67.0-69.0]" in ours_row
+    assert "2.50x" in ours_row and "2.12x" in ours_row and "47.6%" in ours_row
+    assert any(line.startswith("transformers") for line in out.splitlines())
+    assert "first 200 of 256" in out
+
+
+def test_render_without_transformers() -> None:
+    out = bench.render(_result(with_peer=False))
+    assert not any(line.startswith("transformers") for line in out.splitlines())
+    ours_row = next(line for line in out.splitlines() if line.startswith("enginesmith"))
+    assert ours_row.split()[-3:] == ["-", "-", "47.6%"]
+    assert "identical to transformers" not in out
+
+
+# --- command line ---------------------------------------------------------------------------------
+
+
+def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(["--help"])
+    assert exc.value.code == 0
+    out = capsys.readouterr().out
+    for flag in (
+        "--engine",
+        "--runs",
+        "--prefill-tokens",
+        "--decode-tokens",
+        "--json",
+        "--skip-transformers",
+    ):
+        assert flag in out
+
+
+def test_defaults() -> None:
+    args = bench.build_parser().parse_args([])
+    assert (args.runs, args.prefill_tokens, args.decode_tokens) == (3, 512, 256)
+    assert args.engine is None and args.json is None and not args.skip_transformers
+
+
+@pytest.mark.parametrize(
+    "argv", [["--runs", "0"], ["--prefill-tokens", "0"], ["--decode-tokens", "1"]]
+)
+def test_bad_flags_are_refused_before_any_work(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        bench.main(argv)
+    assert exc.value.code == 2
+    assert argv[0] in capsys.readouterr().err
+
+
+def test_default_engine_dir_is_in_the_cache(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ENGINESMITH_CACHE", str(tmp_path))
+    assert bench.default_engine_dir() == tmp_path / "engines" / "smollm2-135m-bench"
+
+
+def test_token_clock_timestamps_each_put() -> None:
+    clock = bench.TokenClock()
+    for _ in range(3):
+        clock.put(None)
+    clock.end()
+    assert len(clock.times) == 3
+    assert clock.times == sorted(clock.times)

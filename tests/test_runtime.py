@@ -1,0 +1,116 @@
+"""Runtime behaviour on a tiny engine: in-place KV cache, batching, streaming, stop rules, chat,
+seeded sampling."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from enginesmith import LLM, SamplingParams
+from tests.conftest import PROMPTS
+
+
+def test_kv_cache_is_updated_in_place(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    buffers = llm.session.cache_key + llm.session.cache_value
+    pointers = [b.ctypes.data for b in buffers]
+    for b in buffers:
+        b[...] = 0.0
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True))[0]
+    total = len(out.prompt_token_ids) + len(out.token_ids) - 1  # last sampled token not yet cached
+    assert [b.ctypes.data for b in buffers] == pointers  # same arrays, never reallocated
+    # The engine wrote exactly the request's tokens into slot 0 of our preallocated arrays.
+    key0 = llm.session.cache_key[0]
+    assert np.abs(key0[0, :, :total]).min(axis=-1).max() > 0  # written
+    assert not np.any(key0[0, :, total:]) and not np.any(key0[1:])  # nothing else touched
+
+
+def test_batched_equals_one_at_a_time(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-qwen2"))
+    prompts = list(PROMPTS) * 2  # 6 requests > 4 slots: slots are reused as requests finish
+    params = [SamplingParams(max_tokens=4 + 3 * i, ignore_eos=True) for i in range(len(prompts))]
+    together = llm.generate(prompts, params)
+    for prompt, p, out in zip(prompts, params, together, strict=True):
+        alone = llm.generate(prompt, p)[0]
+        assert out.token_ids == alone.token_ids
+        assert len(out.token_ids) == p.max_tokens
+
+
+def test_stream_deltas_concatenate_to_text(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    params = SamplingParams(max_tokens=20, ignore_eos=True)
+    stream = llm.stream(PROMPTS[2], params)
+    deltas = list(stream)
+    assert len(deltas) > 1
+    assert stream.output is not None
+    assert "".join(deltas) == stream.output.text == llm.generate(PROMPTS[2], params)[0].text
+
+
+def test_stop_string_and_stop_token(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    full = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True))[0]
+    stop = full.text[5:8]
+    cut = llm.generate(PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True, stop=stop))[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    token = full.token_ids[3]
+    by_token = llm.generate(
+        PROMPTS[1], SamplingParams(max_tokens=24, ignore_eos=True, stop_token_ids=[token])
+    )[0]
+    assert by_token.finish_reason == "stop"
+    assert by_token.token_ids == full.token_ids[: full.token_ids.index(token) + 1]
+
+
+def test_eos_ends_generation(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    full = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12, ignore_eos=True))[0]
+    # Make the 3rd generated token count as EOS: generation must end right there.
+    llm.eos_token_ids = frozenset({full.token_ids[2]})
+    out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=12))[0]
+    assert out.finish_reason == "stop"
+    assert out.token_ids == full.token_ids[: full.token_ids.index(full.token_ids[2]) + 1]
+
+
+def test_max_seq_len_ends_with_length(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama", max_seq_len=64))
+    out = llm.generate(PROMPTS[1], SamplingParams(max_tokens=500, ignore_eos=True))[0]
+    assert out.finish_reason == "length"
+    assert len(out.prompt_token_ids) + len(out.token_ids) == 64
+
+
+def test_seeded_sampling_is_reproducible_and_mixes_with_greedy(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    sampled = SamplingParams(
+        max_tokens=16, temperature=1.0, top_p=0.9, top_k=50, seed=7, ignore_eos=True
+    )
+    greedy = SamplingParams(max_tokens=16, ignore_eos=True)
+    a = llm.generate([PROMPTS[0], PROMPTS[0]], [sampled, greedy])
+    b = llm.generate(PROMPTS[0], sampled)[0]
+    other = llm.generate(
+        PROMPTS[0], SamplingParams(max_tokens=16, temperature=1.0, seed=8, ignore_eos=True)
+    )[0]
+    assert a[0].token_ids == b.token_ids  # same seed, same tokens, batched or alone
+    assert a[1].token_ids == llm.generate(PROMPTS[0], greedy)[0].token_ids
+    assert a[0].token_ids != a[1].token_ids and other.token_ids != b.token_ids
+
+
+def test_chat_uses_the_chat_template(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    messages = [{"role": "user", "content": "Say hello."}]
+    out = llm.chat(messages, SamplingParams(max_tokens=6, ignore_eos=True))
+    expected = llm.tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=False
+    )
+    assert expected.endswith("<|im_start|>assistant\n")
+    assert out.prompt == expected
+    assert (
+        out.token_ids
+        == llm.generate(expected, SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids
+    )
+
+
+def test_stats_are_filled(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama"))
+    s = llm.generate(PROMPTS[0], SamplingParams(max_tokens=8, ignore_eos=True))[0].stats
+    assert s.generated_tokens == 8 and s.prompt_tokens > 0
+    assert 0 < s.time_to_first_token_s <= s.total_s
+    assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0
