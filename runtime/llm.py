@@ -117,6 +117,7 @@ class LLM:
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
         self.session = EngineSession(self.engine_dir, self.manifest, threads=threads)
+        self.session.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
         self.eos_token_ids = frozenset(self.manifest.get("eos_token_ids", []))
 
