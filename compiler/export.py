@@ -157,6 +157,8 @@ def export_model(hf_model: Any) -> ExportResult:
                 f"torch.onnx export failed ({type(exc).__name__}: {str(exc).splitlines()[0]}); "
                 "report it with the model's config.json"
             ) from exc
+    if program is None:  # only when exporting to a file path, which we never do
+        raise BuildError("torch.onnx.export returned no program [developer error]")
     model: ir.Model = program.model
     in_names, out_names = io_names(dims.num_layers)
     for value, name in zip(model.graph.inputs, in_names, strict=True):

@@ -52,8 +52,10 @@ def _producer_op(value: ir.Value | None) -> str | None:
 
 def _strip(value: ir.Value, ops: tuple[str, ...]) -> ir.Value:
     """Walk up through single-input-data ops (data is input 0) in OPS."""
-    while _producer_op(value) in ops:
-        value = value.producer().inputs[0]  # type: ignore[union-attr]
+    node = value.producer()
+    while node is not None and node.op_type in ops and node.inputs[0] is not None:
+        value = node.inputs[0]
+        node = value.producer()
     return value
 
 
@@ -214,10 +216,10 @@ class FuseAttentionPass(EnginePass):
             old = graph.outputs[chain.present_output_index]
             fa_out.name, old.name = old.name, f"{old.name}_unfused"
             graph.outputs[chain.present_output_index] = fa_out
-            shape = chain.past_input.shape
+            batch_dim = chain.past_input.shape[0] if chain.past_input.shape else "batch"
             chain.past_input.shape = ir.Shape(
-                [shape[0], self.num_kv_heads, self.max_seq_len_dim, self.head_dim]
-            )  # type: ignore[index]
+                [batch_dim, self.num_kv_heads, self.max_seq_len_dim, self.head_dim]
+            )
             fa_out.shape = chain.past_input.shape
             fa_out.type = chain.past_input.type
         fa.outputs[0].type = query_bhsd.type  # type: ignore[union-attr]

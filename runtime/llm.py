@@ -151,7 +151,7 @@ class LLM:
         prompt = self.tokenizer.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=False
         )
-        return self.generate(prompt, params)[0]
+        return self.generate(str(prompt), params)[0]
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -198,7 +198,7 @@ class LLM:
         return ids
 
     def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _output(self, r: _Request) -> RequestOutput:
         return RequestOutput(

@@ -7,7 +7,7 @@ and these helpers turn it into a token id and a stream of text deltas.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from numbers import Integral, Real
 
@@ -63,8 +63,8 @@ class SamplingParams:
     top_k: int = 0  # 0 disables top-k
     top_p: float = 1.0  # 1.0 disables nucleus sampling
     seed: int | None = None  # None draws fresh OS entropy per request
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
+    stop: Sequence[str] = ()  # a str or any sequence; stored as tuple[str, ...]
+    stop_token_ids: Sequence[int] = ()  # an int or any sequence; stored as tuple[int, ...]
     ignore_eos: bool = False
 
     def __post_init__(self) -> None:
@@ -271,7 +271,7 @@ class StopChecker:
     completes the stop string (it is then dropped) or rules it out (it is then released).
     """
 
-    def __init__(self, stop: tuple[str, ...]) -> None:
+    def __init__(self, stop: Sequence[str]) -> None:
         self.stop: tuple[str, ...] = tuple(s for s in stop if s)
         self.stopped = False
         self.matched: str | None = None  # the stop string that ended the stream, if any

@@ -18,6 +18,7 @@ local_window_size (the number of positions attended, the query's own included; -
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 DOMAIN = "ai.enginesmith"
 OP_TYPE = "FlashAttention"
@@ -62,13 +63,13 @@ class FlashAttentionAttrs:
             )
 
     @classmethod
-    def from_node_attributes(cls, attrs: dict[str, object]) -> FlashAttentionAttrs:
+    def from_node_attributes(cls, attrs: dict[str, Any]) -> FlashAttentionAttrs:
         return cls(
-            num_heads=int(attrs["num_heads"]),  # type: ignore[arg-type]
-            kv_num_heads=int(attrs["kv_num_heads"]),  # type: ignore[arg-type]
-            head_dim=int(attrs["head_dim"]),  # type: ignore[arg-type]
-            scale=float(attrs["scale"]),  # type: ignore[arg-type]
-            local_window_size=int(attrs.get("local_window_size", -1)),  # type: ignore[arg-type]
+            num_heads=int(attrs["num_heads"]),
+            kv_num_heads=int(attrs["kv_num_heads"]),
+            head_dim=int(attrs["head_dim"]),
+            scale=float(attrs["scale"]),
+            local_window_size=int(attrs.get("local_window_size", -1)),
         )
 
     def as_node_attributes(self) -> dict[str, int | float]:
