@@ -56,7 +56,10 @@ def atomic_engine_dir(output: Path, force: bool) -> Iterator[Path]:
             old = output.with_name(f".{output.name}.old-{os.getpid()}")
             output.rename(old)
             tmp.rename(output)
-            shutil.rmtree(old, ignore_errors=True)
+            if old.is_dir():
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                old.unlink()
         else:
             tmp.rename(output)
     finally:
@@ -64,9 +67,20 @@ def atomic_engine_dir(output: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+SELF_HASH_KEY = "manifest_sha256"
+
+
+def manifest_digest(manifest: dict[str, Any]) -> str:
+    """sha256 of the manifest's canonical JSON without its own hash: covers every field."""
+    body = {k: v for k, v in manifest.items() if k != SELF_HASH_KEY}
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
 def write_manifest(engine_dir: Path, manifest: dict[str, Any]) -> dict[str, Any]:
-    """Add format_version and file hashes to MANIFEST and write it; return what was written."""
+    """Add format_version, file hashes and the manifest's own hash; write it; return it."""
     full = {"format_version": FORMAT_VERSION, **manifest, "files": hash_tree(engine_dir)}
+    full[SELF_HASH_KEY] = manifest_digest(full)
     (engine_dir / MANIFEST).write_text(json.dumps(full, indent=2) + "\n")
     return full
 
@@ -89,6 +103,10 @@ def read_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> dict[st
         raise EngineDirError(
             f"{path}: unreadable manifest ({exc}); rebuild the engine with build-engine --force"
         ) from exc
+    if not isinstance(manifest, dict):
+        raise EngineDirError(
+            f"{path}: manifest is not a JSON object; rebuild the engine with build-engine --force"
+        )
     version = manifest.get("format_version")
     if not isinstance(version, int):
         raise EngineDirError(
@@ -100,6 +118,11 @@ def read_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> dict[st
             f"({FORMAT_VERSION}); upgrade enginesmith or rebuild the engine with this version"
         )
     if verify_hashes:
+        if manifest.get(SELF_HASH_KEY) != manifest_digest(manifest):
+            raise EngineDirError(
+                f"{root}: {MANIFEST} was modified (its sha256 does not match); rebuild the engine "
+                "with build-engine --force"
+            )
         expected: dict[str, str] = manifest.get("files", {})
         for rel, digest in expected.items():
             file = root / rel

@@ -86,11 +86,16 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             "(config.json + *.safetensors), a .gguf file or a preset name"
         )
     try:
-        model_type = json.loads(config_path.read_text()).get("model_type")
+        config = json.loads(config_path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ModelSourceError(
             f"{config_path}: unreadable config.json ({exc}); fix or replace it"
         ) from exc
+    if not isinstance(config, dict):
+        raise ModelSourceError(
+            f"{config_path}: config.json is not a JSON object; fix or replace it"
+        )
+    model_type = config.get("model_type")
     arch = _check_architecture(model_type, str(path))
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(
@@ -98,14 +103,21 @@ def _load_hf_dir(path: Path) -> LoadedModel:
             "save_pretrained(..., safe_serialization=True)"
         )
     import torch
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     start = time.perf_counter()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except OSError as exc:
-        raise ModelSourceError(f"{path}: cannot load the model ({exc}); check the files") from exc
+    except (OSError, ValueError, SafetensorError) as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if isinstance(exc, SafetensorError):
+            weights = ", ".join(sorted(p.name for p in path.glob("*.safetensors")))
+            first_line = f"{weights}: {first_line}"
+        raise ModelSourceError(
+            f"{path}: cannot load the model ({first_line}); check or re-save its files"
+        ) from exc
     return LoadedModel(
         name=path.name,
         source_kind="hf-dir",
@@ -117,8 +129,25 @@ def _load_hf_dir(path: Path) -> LoadedModel:
     )
 
 
+# Without these, transformers silently falls back to a default (7B) config.
+_GGUF_REQUIRED_KEYS = ("block_count", "embedding_length", "attention.head_count")
+
+
+def _check_gguf_metadata(path: Path, arch: str) -> None:
+    import gguf
+
+    fields = gguf.GGUFReader(str(path)).fields
+    missing = [f"{arch}.{k}" for k in _GGUF_REQUIRED_KEYS if f"{arch}.{k}" not in fields]
+    if missing:
+        raise ModelSourceError(
+            f"{path}: GGUF metadata lacks {', '.join(missing)}; re-export it with llama.cpp's "
+            "convert_hf_to_gguf.py"
+        )
+
+
 def _load_gguf(path: Path) -> LoadedModel:
     arch = _check_architecture(gguf_architecture(path), str(path))
+    _check_gguf_metadata(path, arch)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

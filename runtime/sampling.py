@@ -113,9 +113,10 @@ class SamplingParams:
 
     def _validate_seed(self) -> None:
         value = self.seed
-        if value is not None and not _is_int(value):
+        if value is not None and (not _is_int(value) or value < 0):
             raise InvalidRequestError(
-                f"seed must be an integer or None (got {value!r}): pass an int seed or omit it"
+                f"seed must be a non-negative integer or None (got {value!r}): "
+                "pass a seed >= 0 or omit it"
             )
         object.__setattr__(self, "seed", None if value is None else int(value))
 

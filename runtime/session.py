@@ -62,7 +62,9 @@ class EngineSession:
         timings. Slot 0's cache is untouched (query_seqlens = 0)."""
         for seq in (1, 2):  # decode and prefill shapes take different kernel paths
             ids = np.zeros((1, seq), np.int64)
-            self.step(0, ids, ids, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64))
+            self.step(
+                0, ids, ids, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)
+            )
 
     @property
     def kv_cache_bytes(self) -> int:

@@ -24,10 +24,16 @@ PROMPTS = ["def fibonacci(n):", "The quick brown fox jumps over the lazy dog.", 
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model", help="HF directory, .gguf file or preset")
-    parser.add_argument("--tokens", type=int, default=32, help="greedy tokens to compare (default: 32)")
-    parser.add_argument("--engine", type=Path, help="engine directory to build into (default: a temp dir)")
+    parser.add_argument(
+        "--tokens", type=int, default=32, help="greedy tokens to compare (default: 32)"
+    )
+    parser.add_argument(
+        "--engine", type=Path, help="engine directory to build into (default: a temp dir)"
+    )
     args = parser.parse_args()
     engine = args.engine or Path(tempfile.mkdtemp(prefix="enginesmith-verify-")) / "engine"
     build(BuildConfig(model=args.model, output=engine, force=True))
@@ -37,18 +43,31 @@ def main() -> int:
     for prompt, out in zip(PROMPTS, outs, strict=True):
         ids = ref.tokenizer(prompt, return_tensors="pt").input_ids
         with torch.no_grad():
-            gen = ref.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                     max_new_tokens=args.tokens, min_new_tokens=args.tokens)
+            gen = ref.model.generate(
+                ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+            )
             logits = ref.model(ids).logits[0, -1].numpy()
-        expected = gen[0, ids.shape[1]:].tolist()
+        expected = gen[0, ids.shape[1] :].tolist()
         n = ids.shape[1]
-        ours = llm.session.step(0, ids.numpy(), np.arange(n)[None], np.array([n - 1], np.int32),
-                                np.array([n], np.int32), np.array([n - 1]))[0]
+        ours = llm.session.step(
+            0,
+            ids.numpy(),
+            np.arange(n)[None],
+            np.array([n - 1], np.int32),
+            np.array([n], np.int32),
+            np.array([n - 1]),
+        )[0]
         rel = float(np.abs(ours - logits).max() / np.abs(logits).max())
         same = out.token_ids == expected
         ok &= same and rel < 1e-4
-        print(f"{'MATCH' if same else 'DIFFER'}  {prompt!r}: {args.tokens} greedy tokens; "
-              f"last-position logits relative diff {rel:.2e}")
+        print(
+            f"{'MATCH' if same else 'DIFFER'}  {prompt!r}: {args.tokens} greedy tokens; "
+            f"last-position logits relative diff {rel:.2e}"
+        )
     print("verdict:", "identical to transformers" if ok else "MISMATCH")
     return 0 if ok else 1
 
