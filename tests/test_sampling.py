@@ -44,7 +44,7 @@ def draw_many(params: SamplingParams, logits: np.ndarray, n: int) -> np.ndarray:
         ({"stop_token_ids": [1.0]}, "stop_token_ids must hold non-negative integer"),
         ({"stop_token_ids": [-1]}, "stop_token_ids must hold non-negative integer"),
         ({"stop": ["ok", ""]}, "stop must hold non-empty strings"),
-        ({"seed": 1.5}, "seed must be an integer or None"),
+        ({"seed": 1.5}, "seed must be a non-negative integer or None"),
     ],
 )
 def test_invalid_params_raise(kwargs: dict, message: str) -> None:
