@@ -240,7 +240,11 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "decode_prompt_tokens": 32,
             "decode_tokens": 256,
         },
-        "bandwidth": {"best_bytes_per_s": 77e9, "best_method": "torch.sum (2 threads)"},
+        "bandwidth": {
+            "best_bytes_per_s": 77e9,
+            "best_method": "torch.sum (2 threads)",
+            "best_bytes_per_s_by_phase": {"before": 49e9, "run 1": 77e9},
+        },
         "implementations": impl,
         "ratios": {"prefill": 2.5 if with_peer else None, "decode": 2.125 if with_peer else None},
         "greedy_agreement": {"common_prefix": 200 if with_peer else None},
@@ -250,6 +254,7 @@ def _result(with_peer: bool) -> dict[str, Any]:
 def test_render_with_transformers() -> None:
     out = bench.render(_result(with_peer=True))
     assert "77.0 GB/s" in out
+    assert "best per phase 49.0-77.0 GB/s" in out
     assert "bound 143.0 tok/s" in out
     ours_row = next(line for line in out.splitlines() if line.startswith("enginesmith"))
     assert "1000 [900-1100]" in ours_row
