@@ -7,7 +7,13 @@ import sys
 from pathlib import Path
 
 from enginesmith.compiler import presets
-from enginesmith.compiler.config import BACKENDS, BuildConfig
+from enginesmith.compiler.config import (
+    BACKENDS,
+    KV_GROUPINGS,
+    QUANT_SCHEMES,
+    QUANTIZE_MODES,
+    BuildConfig,
+)
 from enginesmith.compiler.errors import EnginesmithError
 
 
@@ -53,6 +59,50 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="tokens per slot, prompt + generated; sets the KV-cache size (default: 2048)",
     )
+    quant = parser.add_argument_group("weight-only quantization")
+    quant.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        default=None,
+        help="quantize MatMul weights, LM head and embedding to int8 or int4 "
+        "(block-wise); default: keep fp32 weights",
+    )
+    quant.add_argument(
+        "--block-size",
+        type=int,
+        default=32,
+        metavar="N",
+        help="weights per quantization block, a power of two >= 16 (default: 32)",
+    )
+    quant.add_argument(
+        "--quant-scheme",
+        choices=QUANT_SCHEMES,
+        default="symmetric",
+        help="symmetric (scale only) or asymmetric (scale + zero point) blocks",
+    )
+    kv = parser.add_argument_group("KV-head collapse (MHA -> GQA/MQA)")
+    kv.add_argument(
+        "--kv-heads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="collapse the model's KV heads to N (N must divide the current count); "
+        "shrinks the KV cache; default: keep them",
+    )
+    kv.add_argument(
+        "--kv-grouping",
+        choices=KV_GROUPINGS,
+        default="contiguous",
+        help="which KV heads are pooled together: contiguous (GQA paper) or similarity "
+        "(calibrated on text, AsymGQA-style); default: contiguous",
+    )
+    kv.add_argument(
+        "--calibration",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="UTF-8 text for --kv-grouping similarity (default: Python's pydoc docs)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite ENGINE_DIR if it exists")
     parser.add_argument(
         "--no-verify",
@@ -79,6 +129,12 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             max_seq_len=args.max_seq_len,
             force=args.force,
             verify=not args.no_verify,
+            quantize=args.quantize,
+            block_size=args.block_size,
+            quant_scheme=args.quant_scheme,
+            kv_heads=args.kv_heads,
+            kv_grouping=args.kv_grouping,
+            calibration=args.calibration,
         )
         build(config, log=log)
     except EnginesmithError as exc:

@@ -8,23 +8,43 @@ from typing import Any
 
 import onnx_ir as ir
 
+from enginesmith.compiler.config import BuildConfig
 from enginesmith.compiler.errors import BuildError
 from enginesmith.compiler.export import ModelDims
+from enginesmith.compiler.sources import LoadedModel
 from enginesmith.passes.base import EnginePass
 from enginesmith.passes.cleanup import CleanupPass
 from enginesmith.passes.fuse_attention import FuseAttentionPass
 from enginesmith.plugins.flash_attention.onnxruntime import LowerFlashAttentionToORT
 
 
-def onnxruntime_passes(dims: ModelDims) -> list[EnginePass]:
-    return [
+@dataclass
+class PassInputs:
+    """What optional passes need beyond the graph, prepared by the build before the pipeline
+    runs (e.g. calibration statistics from the reference model)."""
+
+    config: BuildConfig | None = None
+    loaded: LoadedModel | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def onnxruntime_passes(dims: ModelDims, inputs: PassInputs | None = None) -> list[EnginePass]:
+    config = inputs.config if inputs else None
+    passes: list[EnginePass] = [
         # Attention first: it needs the exporter's Concat/Expand cache chain intact.
         FuseAttentionPass(dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.sliding_window),
         # The causal-mask and Concat chains are now dead; fold and collapse what is left.
         CleanupPass(),
-        # Backend lowering last, so every pass above sees the backend-neutral plugin op.
-        LowerFlashAttentionToORT(),
     ]
+    if config is not None and config.kv_heads is not None:
+        # [kv-collapse] On the backend-neutral plugin op, before lowering.
+        raise BuildError("--kv-heads is not available in this build yet")
+    # Backend lowering after every backend-neutral pass: they all see the plugin op.
+    passes.append(LowerFlashAttentionToORT())
+    if config is not None and config.quantize is not None:
+        # [quantize] Backend-specific weight format (MatMulNBits), after lowering.
+        raise BuildError("--quantize is not available in this build yet")
+    return passes
 
 
 PIPELINES = {"onnxruntime": onnxruntime_passes}
