@@ -1,8 +1,9 @@
 """Quality of a built engine against the fp32 reference model: perplexity and top-1 agreement
 on real held-out text. Every lossy pass (KV-head collapse, weight quantization) reports these.
 
-Text comes offline from Python's own documentation (`pydoc_data.topics`): topics are split by
-sorted index, even ones for calibration and odd ones held out, so a quality figure is never
+Text comes offline from Python's own documentation (`pydoc_data.topics`). Topics repeat whole
+paragraphs, so the corpus is first deduplicated paragraph by paragraph (in sorted topic order);
+even paragraphs are calibration text and odd ones are held out, so a quality figure is never
 measured on text a pass was calibrated on.
 """
 
@@ -19,21 +20,25 @@ import numpy as np
 EVAL_CHUNK = 512
 
 
-def _topics(parity: int) -> str:
+def _paragraphs(parity: int) -> str:
     from pydoc_data.topics import topics
 
-    keys = sorted(topics)
-    return "\n\n".join(topics[k] for i, k in enumerate(keys) if i % 2 == parity)
+    unique: dict[str, None] = {}  # insertion-ordered set
+    for key in sorted(topics):
+        for paragraph in topics[key].split("\n\n"):
+            if paragraph.strip():
+                unique.setdefault(paragraph, None)
+    return "\n\n".join(p for i, p in enumerate(unique) if i % 2 == parity)
 
 
 def calibration_text() -> str:
     """Default calibration text (even-indexed pydoc topics)."""
-    return _topics(0)
+    return _paragraphs(0)
 
 
 def heldout_text() -> str:
     """Held-out evaluation text (odd-indexed pydoc topics), never used for calibration."""
-    return _topics(1)
+    return _paragraphs(1)
 
 
 def read_text_file(path: Path) -> str:
