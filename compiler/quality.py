@@ -27,7 +27,7 @@ def _paragraphs(parity: int) -> str:
     for key in sorted(topics):
         for paragraph in topics[key].split("\n\n"):
             if paragraph.strip():
-                unique.setdefault(paragraph, None)
+                unique.setdefault(paragraph.strip("\n"), None)
     return "\n\n".join(p for i, p in enumerate(unique) if i % 2 == parity)
 
 

@@ -24,8 +24,8 @@ def test_perplexity_matches_torch_cross_entropy() -> None:
 def test_heldout_and_calibration_texts_are_disjoint() -> None:
     calibration, heldout = quality.calibration_text(), quality.heldout_text()
     assert len(calibration) > 100_000 and len(heldout) > 100_000
-    heldout_paragraphs = {p for p in heldout.split("\n\n") if len(p) > 200}
-    calibration_paragraphs = {p for p in calibration.split("\n\n") if len(p) > 200}
+    heldout_paragraphs = {p.strip() for p in heldout.split("\n\n") if len(p) > 200}
+    calibration_paragraphs = {p.strip() for p in calibration.split("\n\n") if len(p) > 200}
     assert not heldout_paragraphs & calibration_paragraphs
 
 
