@@ -131,6 +131,7 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
                     "model": asdict(dims),
                     "max_batch": config.max_batch,
                     "max_seq_len": config.max_seq_len,
+                    "max_num_tokens": config.max_num_tokens,
                     "kv_cache": {
                         "layout": "slots",
                         "format": "BNSH",

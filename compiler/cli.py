@@ -103,6 +103,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help="UTF-8 text for --kv-grouping similarity (default: Python's pydoc docs)",
     )
+    parser.add_argument(
+        "--max-num-tokens",
+        type=int,
+        default=512,
+        metavar="N",
+        help="per-step token budget: decodes of running requests and prefill chunks of new ones "
+        "share N tokens per engine step; smaller N = lower decode latency while others prefill "
+        "(default: 512)",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite ENGINE_DIR if it exists")
     parser.add_argument(
         "--no-verify",
@@ -127,6 +136,7 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             backend=args.backend,
             max_batch=args.max_batch,
             max_seq_len=args.max_seq_len,
+            max_num_tokens=args.max_num_tokens,
             force=args.force,
             verify=not args.no_verify,
             quantize=args.quantize,

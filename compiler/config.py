@@ -22,6 +22,7 @@ class BuildConfig:
     backend: str = "onnxruntime"
     max_batch: int = 4  # KV-cache slots: requests that can run at once
     max_seq_len: int = 2048  # tokens per slot (prompt + generated)
+    max_num_tokens: int = 512  # per-step token budget of the runtime's scheduler
     force: bool = False
     verify: bool = True  # compare the engine's logits with transformers' after building
     # Weight-only quantization (passes/quantize_weights.py); None = fp32 weights.
@@ -42,6 +43,8 @@ class BuildConfig:
             raise BuildError(f"--max-batch must be >= 1 (got {self.max_batch})")
         if self.max_seq_len < 2:
             raise BuildError(f"--max-seq-len must be >= 2 (got {self.max_seq_len})")
+        if self.max_num_tokens < 1:
+            raise BuildError(f"--max-num-tokens must be >= 1 (got {self.max_num_tokens})")
         if self.quantize is not None and self.quantize not in QUANTIZE_MODES:
             raise BuildError(
                 f"--quantize must be one of {', '.join(QUANTIZE_MODES)} (got {self.quantize!r})"

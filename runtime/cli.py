@@ -181,7 +181,11 @@ def _inspect(args: argparse.Namespace) -> int:
                 ),
                 ("vocab", m["vocab_size"]),
                 ("sliding window", m["sliding_window"]),
-                ("max batch / max seq len", f"{manifest['max_batch']} / {manifest['max_seq_len']}"),
+                (
+                    "max batch / seq len / tokens",
+                    f"{manifest['max_batch']} / {manifest['max_seq_len']} / "
+                    f"{manifest.get('max_num_tokens', '-')} per step",
+                ),
                 (
                     "kv cache",
                     f"{kv['layout']} {kv['format']} {kv['dtype']}, {kv['bytes_per_token']} B/token, "

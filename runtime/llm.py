@@ -1,107 +1,73 @@
-"""The Python runtime API: `LLM(engine_dir).generate / stream / chat`."""
+"""The Python runtime API: `LLM(engine_dir)` with generate / stream / chat, and the async
+serving API (`await llm.submit(...)`, `async for delta in llm.stream_async(...)`) that lets
+concurrent callers share in-flight batches."""
 
 from __future__ import annotations
 
-import time
-from collections import deque
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-
-import numpy as np
+from typing import Any
 
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.compiler.errors import BackendUnavailableError, InvalidRequestError
-from enginesmith.runtime.sampling import (
-    IncrementalDetokenizer,
-    Sampler,
-    SamplingParams,
-    StopChecker,
+from enginesmith.runtime.engine_core import (
+    EngineCore,
+    LiveRequest,
+    RequestOutput,
+    RequestStats,
+    StepEvent,
 )
+from enginesmith.runtime.sampling import SamplingParams
 from enginesmith.runtime.session import EngineSession
 
-# Prompt tokens per prefill call: bounds the attention scratch memory of one step.
-PREFILL_CHUNK = 512
+# Per-step token budget when the manifest does not set one (older engines).
+DEFAULT_MAX_NUM_TOKENS = 512
 
-
-@dataclass
-class RequestStats:
-    """Timing of one request (seconds); decode rates exclude the first token."""
-
-    prompt_tokens: int = 0
-    generated_tokens: int = 0
-    time_to_first_token_s: float = 0.0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    total_s: float = 0.0
-
-    @property
-    def prefill_tokens_per_s(self) -> float:
-        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
-
-    @property
-    def decode_tokens_per_s(self) -> float:
-        steps = self.generated_tokens - 1
-        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
-
-
-@dataclass
-class RequestOutput:
-    """The result of one request."""
-
-    prompt: str
-    prompt_token_ids: list[int]
-    text: str
-    token_ids: list[int]
-    finish_reason: str  # "stop" (EOS, stop string or stop token) | "length"
-    stats: RequestStats
-
-
-@dataclass
-class _Request:
-    prompt: str
-    prompt_ids: list[int]
-    params: SamplingParams
-    sampler: Sampler
-    detokenizer: IncrementalDetokenizer
-    stopper: StopChecker
-    slot: int = -1
-    num_cached: int = 0  # tokens of prompt_ids + output_ids already in the slot's KV cache
-    output_ids: list[int] = field(default_factory=list)
-    text_parts: list[str] = field(default_factory=list)
-    finish_reason: str | None = None
-    stats: RequestStats = field(default_factory=RequestStats)
-    started: float = 0.0
-
-    @property
-    def in_prefill(self) -> bool:
-        return self.num_cached < len(self.prompt_ids)
+__all__ = ["LLM", "RequestOutput", "RequestStats", "TextStream"]
 
 
 class TextStream:
     """Iterator of text deltas for one request; `.output` is set when it is exhausted."""
 
-    def __init__(self, llm: LLM, request: _Request) -> None:
+    def __init__(self, llm: LLM, request: LiveRequest) -> None:
         self._llm, self._request = llm, request
         self.output: RequestOutput | None = None
 
     def __iter__(self) -> Iterator[str]:
-        for _, delta in self._llm._run([self._request]):
-            if delta:
-                yield delta
-        self.output = self._llm._output(self._request)
+        for event in self._llm._drive([self._request]):
+            if event.delta:
+                yield event.delta
+        self.output = self._request.output()
 
 
 class LLM:
     """Load an engine directory and generate text with it.
 
-    >>> llm = LLM("engines/smollm2")                         # doctest: +SKIP
-    >>> llm.generate("The capital of France is", SamplingParams(max_tokens=8))[0].text
+    Requests are scheduled every iteration (in-flight batching): decodes of running requests
+    and chunked prefills of new ones share each engine step under a token budget
+    (`max_num_tokens`), over the engine's KV slots (`max_batch`).
     """
 
     def __init__(
-        self, engine_dir: str | Path, *, verify_files: bool = True, threads: int | None = None
+        self,
+        engine_dir: str | Path,
+        *,
+        verify_files: bool = True,
+        threads: int | None = None,
+        max_num_tokens: int | None = None,
+        kv_budget_tokens: int | None = None,
+        max_waiting: int | None = None,
     ) -> None:
+        """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
+
+        max_num_tokens: tokens computed per engine step (default: the engine's build setting).
+        kv_budget_tokens: tokens all slots may hold together (default: max_batch x max_seq_len);
+            a smaller budget makes the scheduler preempt and recompute instead of failing.
+        max_waiting: bound of the waiting queue for submit(); None = unbounded.
+        """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
         if self.manifest.get("backend") != "onnxruntime":
@@ -119,20 +85,43 @@ class LLM:
         self.session = EngineSession(self.engine_dir, self.manifest, threads=threads)
         self.session.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
-        self.eos_token_ids = frozenset(self.manifest.get("eos_token_ids", []))
+        budget = max_num_tokens or self.manifest.get("max_num_tokens", DEFAULT_MAX_NUM_TOKENS)
+        if kv_budget_tokens is not None and kv_budget_tokens < self.max_seq_len:
+            raise InvalidRequestError(
+                f"kv_budget_tokens ({kv_budget_tokens}) must hold at least one full sequence "
+                f"({self.max_seq_len} tokens): raise it"
+            )
+        self.core = EngineCore(
+            self.session,
+            self._decode,
+            frozenset(self.manifest.get("eos_token_ids", [])),
+            max_num_tokens=budget,
+            kv_budget_tokens=kv_budget_tokens,
+            max_waiting=max_waiting,
+        )
+        self._lock = threading.Lock()  # one driver of the core at a time
+        self._loop_thread: _EngineLoop | None = None
 
-    # -- public API -------------------------------------------------------------------------
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self.core.eos_token_ids
+
+    @eos_token_ids.setter
+    def eos_token_ids(self, ids: frozenset[int]) -> None:
+        self.core.eos_token_ids = frozenset(ids)
+
+    # -- synchronous API --------------------------------------------------------------------
 
     def generate(
         self,
         prompts: str | Sequence[str],
         params: SamplingParams | Sequence[SamplingParams] | None = None,
     ) -> list[RequestOutput]:
-        """Generate a completion for each prompt (batched over the engine's slots)."""
+        """Generate a completion for each prompt; all prompts share in-flight batches."""
         requests = self._make_requests(prompts, params)
-        for _ in self._run(requests):
+        for _ in self._drive(requests):
             pass
-        return [self._output(r) for r in requests]
+        return [r.output() for r in requests]
 
     def stream(self, prompt: str, params: SamplingParams | None = None) -> TextStream:
         """Stream the completion of PROMPT: iterate for text deltas as soon as each is stable;
@@ -144,20 +133,74 @@ class LLM:
         self, messages: list[dict[str, str]], params: SamplingParams | None = None
     ) -> RequestOutput:
         """Answer a conversation ([{"role": ..., "content": ...}]) using the model's chat template."""
+        return self.generate(self.chat_prompt(messages), params)[0]
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> str:
         if not getattr(self.tokenizer, "chat_template", None):
             raise InvalidRequestError(
                 "this model has no chat template: use generate() with a plain prompt"
             )
-        prompt = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=False
+        return str(
+            self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
         )
-        return self.generate(str(prompt), params)[0]
 
-    # -- requests ---------------------------------------------------------------------------
+    # -- asynchronous API -------------------------------------------------------------------
+
+    async def submit(self, prompt: str, params: SamplingParams | None = None) -> RequestOutput:
+        """Run one request alongside every other submitted one; cancel the awaiting task to
+        abort it (its KV slot is freed)."""
+        request = self._make_requests(prompt, params)[0]
+        async for _ in self._events(request):
+            pass
+        return request.output()
+
+    async def stream_async(
+        self, prompt: str, params: SamplingParams | None = None
+    ) -> AsyncIterator[str]:
+        """Async text deltas of one request; closing or cancelling the iterator aborts it."""
+        request = self._make_requests(prompt, params)[0]
+        async for event in self._events(request):
+            if event.delta:
+                yield event.delta
+
+    async def _events(self, request: LiveRequest) -> AsyncIterator[StepEvent]:
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[StepEvent | BaseException] = asyncio.Queue()
+
+        def deliver(item: StepEvent | BaseException) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
+
+        engine = self._engine_loop()
+        engine.add(request, deliver)
+        finished = False
+        try:
+            while not finished:
+                item = await inbox.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+        finally:
+            if not finished:
+                engine.abort(request.request_id)
+
+    def _engine_loop(self) -> _EngineLoop:
+        if self._loop_thread is None or not self._loop_thread.is_alive():
+            self._loop_thread = _EngineLoop(self)
+            self._loop_thread.start()
+        return self._loop_thread
+
+    def close(self) -> None:
+        """Stop the background engine loop (if the async API started one)."""
+        if self._loop_thread is not None:
+            self._loop_thread.stop()
+            self._loop_thread = None
+
+    # -- internals --------------------------------------------------------------------------
 
     def _make_requests(
         self, prompts: str | Sequence[str], params: SamplingParams | Sequence[SamplingParams] | None
-    ) -> list[_Request]:
+    ) -> list[LiveRequest]:
         prompt_list = [prompts] if isinstance(prompts, str) else list(prompts)
         if params is None or isinstance(params, SamplingParams):
             param_list = [params or SamplingParams()] * len(prompt_list)
@@ -172,22 +215,11 @@ class LLM:
         for prompt, p in zip(prompt_list, param_list, strict=True):
             if not isinstance(prompt, str):
                 raise InvalidRequestError(f"prompts must be strings (got {type(prompt).__name__})")
-            ids = self._encode(prompt)
-            decode = self._decode
-            requests.append(
-                _Request(
-                    prompt,
-                    ids,
-                    p,
-                    Sampler(p),
-                    IncrementalDetokenizer(decode, ids),
-                    StopChecker(p.stop),
-                )
-            )
+            requests.append(self.core.new_request(prompt, self._encode(prompt), p))
         return requests
 
     def _encode(self, prompt: str) -> list[int]:
-        ids = self.tokenizer(prompt).input_ids
+        ids: list[int] = self.tokenizer(prompt).input_ids
         if not ids:
             raise InvalidRequestError("the prompt is empty: pass at least one token of text")
         if len(ids) >= self.max_seq_len:
@@ -200,113 +232,100 @@ class LLM:
     def _decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
-    def _output(self, r: _Request) -> RequestOutput:
-        return RequestOutput(
-            r.prompt,
-            r.prompt_ids,
-            "".join(r.text_parts),
-            r.output_ids,
-            r.finish_reason or "length",
-            r.stats,
-        )
+    def _drive(self, requests: list[LiveRequest]) -> Iterator[StepEvent]:
+        """Run REQUESTS to completion in the caller's thread, yielding their events."""
+        if self._loop_thread is not None and self._loop_thread.is_alive():
+            yield from self._drive_through_loop(requests)
+            return
+        mine = {r.request_id for r in requests}
+        with self._lock:
+            for r in requests:
+                self.core.add(r)
+            try:
+                while any(r.finish_reason is None for r in requests):
+                    for event in self.core.step():
+                        if event.request.request_id in mine:
+                            yield event
+            finally:
+                for r in requests:
+                    if r.finish_reason is None:
+                        self.core.abort(r.request_id)
 
-    # -- the step loop ------------------------------------------------------------------------
+    def _drive_through_loop(self, requests: list[LiveRequest]) -> Iterator[StepEvent]:
+        inbox: queue.Queue[StepEvent | BaseException] = queue.Queue()
+        engine = self._engine_loop()
+        for r in requests:
+            engine.add(r, inbox.put)
+        remaining = len(requests)
+        while remaining:
+            item = inbox.get()
+            if isinstance(item, BaseException):
+                raise item
+            remaining -= item.finished
+            yield item
 
-    def _run(self, requests: list[_Request]) -> Iterator[tuple[_Request, str]]:
-        """Admit requests into free slots, then alternate prefill and batched decode steps.
 
-        Yields (request, text delta) for every sampled token. A slot is freed as soon as its
-        request finishes and the next waiting request takes it.
-        """
-        waiting = deque(requests)
-        free_slots = list(range(self.session.max_batch))
-        running: dict[int, _Request] = {}
-        while waiting or running:
-            while waiting and free_slots:
-                r = waiting.popleft()
-                r.slot = free_slots.pop(0)
-                r.started = time.perf_counter()
-                running[r.slot] = r
-            prefilling = [r for r in running.values() if r.in_prefill]
-            batch = [prefilling[0]] if prefilling else list(running.values())
-            logits = self._prefill(batch[0]) if prefilling else self._decode_step(batch)
-            for r, row in zip(batch, logits, strict=True):
-                if row is None:
-                    continue  # prefill chunk that does not end the prompt
-                delta = self._accept_token(r, row)
-                yield r, delta
-                if r.finish_reason:
-                    del running[r.slot]
-                    free_slots.append(r.slot)
-                    free_slots.sort()
+class _EngineLoop(threading.Thread):
+    """Background thread that steps the engine while any submitted request is unfinished."""
 
-    def _prefill(self, r: _Request) -> list[np.ndarray | None]:
-        start = time.perf_counter()
-        chunk = r.prompt_ids[r.num_cached : r.num_cached + PREFILL_CHUNK]
-        n = len(chunk)
-        logits = self.session.step(
-            r.slot,
-            np.array([chunk], np.int64),
-            np.arange(r.num_cached, r.num_cached + n, dtype=np.int64)[None],
-            np.array([r.num_cached + n - 1], np.int32),
-            np.array([n], np.int32),
-            np.array([n - 1], np.int64),
-        )
-        r.num_cached += n
-        r.stats.prefill_s += time.perf_counter() - start
-        return [logits[0] if not r.in_prefill else None]
+    def __init__(self, llm: LLM) -> None:
+        super().__init__(name="enginesmith-engine-loop", daemon=True)
+        self.llm = llm
+        self.commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self.sinks: dict[str, Any] = {}
+        self._stopping = False
 
-    def _decode_step(self, batch: list[_Request]) -> list[np.ndarray | None]:
-        """One token for every running request, over the contiguous slot range they span."""
-        start = time.perf_counter()
-        lo = min(r.slot for r in batch)
-        hi = max(r.slot for r in batch) + 1
-        rows = hi - lo
-        input_ids = np.zeros((rows, 1), np.int64)
-        position_ids = np.zeros((rows, 1), np.int64)
-        seqlens_k = np.zeros(rows, np.int32)  # idle rows: T = 1, Q = 0 (cache untouched)
-        query_seqlens = np.zeros(rows, np.int32)
-        for r in batch:
-            i = r.slot - lo
-            input_ids[i, 0] = r.output_ids[-1]
-            position_ids[i, 0] = r.num_cached
-            seqlens_k[i] = r.num_cached
-            query_seqlens[i] = 1
-        logits = self.session.step(
-            lo,
-            input_ids,
-            position_ids,
-            seqlens_k,
-            query_seqlens,
-            np.array([r.slot - lo for r in batch]),
-        )
-        elapsed = time.perf_counter() - start
-        for r in batch:
-            r.num_cached += 1
-            r.stats.decode_s += elapsed
-        return list(logits)
+    def add(self, request: LiveRequest, sink: Any) -> None:
+        self.commands.put(("add", (request, sink)))
 
-    def _accept_token(self, r: _Request, logits: np.ndarray) -> str:
-        """Sample the next token of R, update its text and decide whether it is finished."""
-        token = r.sampler.sample(logits)
-        r.output_ids.append(token)
-        now = time.perf_counter()
-        if len(r.output_ids) == 1:
-            r.stats.time_to_first_token_s = now - r.started
-        r.stats.prompt_tokens = len(r.prompt_ids)
-        r.stats.generated_tokens = len(r.output_ids)
-        r.stats.total_s = now - r.started
-        p = r.params
-        is_eos = token in self.eos_token_ids and not p.ignore_eos
-        if is_eos or token in p.stop_token_ids:
-            r.finish_reason = "stop"
-            delta = r.stopper.flush()
-        else:
-            delta, stopped = r.stopper.feed(r.detokenizer.add(token))
-            if stopped:
-                r.finish_reason = "stop"
-            elif len(r.output_ids) >= p.max_tokens or r.num_cached + 1 >= self.max_seq_len:
-                r.finish_reason = "length"
-                delta += r.stopper.feed(r.detokenizer.flush())[0] + r.stopper.flush()
-        r.text_parts.append(delta)
-        return delta
+    def abort(self, request_id: str) -> None:
+        self.commands.put(("abort", request_id))
+
+    def stop(self) -> None:
+        self._stopping = True
+        self.commands.put(("stop", None))
+        self.join(timeout=10)
+
+    def run(self) -> None:
+        core = self.llm.core
+        while not self._stopping:
+            self._drain(block=not core.has_unfinished)
+            if self._stopping or not core.has_unfinished:
+                continue
+            with self.llm._lock:
+                try:
+                    events = core.step()
+                except Exception as exc:  # fail every waiting caller rather than hang them
+                    for sink in self.sinks.values():
+                        sink(exc)
+                    self.sinks.clear()
+                    for rid in list(core.live):
+                        core.abort(rid)
+                    continue
+            for event in events:
+                sink = self.sinks.get(event.request.request_id)
+                if sink is not None:
+                    sink(event)
+                    if event.finished:
+                        del self.sinks[event.request.request_id]
+
+    def _drain(self, block: bool) -> None:
+        while True:
+            try:
+                kind, arg = self.commands.get(block=block, timeout=None)
+            except queue.Empty:
+                return
+            block = False
+            if kind == "add":
+                request, sink = arg
+                try:
+                    self.llm.core.add(request)
+                except Exception as exc:
+                    sink(exc)
+                    continue
+                self.sinks[request.request_id] = sink
+            elif kind == "abort":
+                self.llm.core.abort(arg)
+                self.sinks.pop(arg, None)
+            elif kind == "stop":
+                return

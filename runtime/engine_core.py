@@ -1,0 +1,267 @@
+"""EngineCore: one `step()` = schedule -> run the engine session -> sample -> update.
+
+Shared by the synchronous `LLM.generate` loop and the asynchronous serving loop. Each step
+turns the scheduler's chunks into as few engine calls as padding allows: every single-token
+chunk (decode) goes into ONE call over the contiguous slot range they span (rows of other
+slots in that range are idle, query_seqlens = 0); each multi-token chunk (prefill or recompute)
+runs over its own slot, because padding a decode row to a 500-token chunk would multiply the
+work of the whole call.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from enginesmith.runtime.sampling import (
+    IncrementalDetokenizer,
+    Sampler,
+    SamplingParams,
+    StopChecker,
+)
+from enginesmith.runtime.scheduler import (
+    KVCacheManager,
+    RequestStatus,
+    SchedRequest,
+    ScheduledChunk,
+    Scheduler,
+)
+from enginesmith.runtime.session import EngineSession
+
+
+@dataclass
+class RequestStats:
+    """Timing of one request (seconds, on the caller's clock)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    prefill_s: float = 0.0  # engine time of the calls that computed this request's prompt
+    decode_s: float = 0.0  # from the first to the last generated token
+    total_s: float = 0.0
+    num_preemptions: int = 0
+    # time.perf_counter() of the request's arrival and of each generated token (for TTFT/ITL).
+    arrival_time: float = 0.0
+    token_times: list[float] = field(default_factory=list)
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s else 0.0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.generated_tokens - 1
+        return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+
+@dataclass
+class RequestOutput:
+    """The result of one request."""
+
+    prompt: str
+    prompt_token_ids: list[int]
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "stop" (EOS, stop string or stop token) | "length" | "cancelled"
+    stats: RequestStats
+
+
+@dataclass(eq=False)
+class LiveRequest:
+    """A request with its sampling state; `sched` is what the scheduler sees."""
+
+    prompt: str
+    sched: SchedRequest
+    params: SamplingParams
+    sampler: Sampler
+    detokenizer: IncrementalDetokenizer
+    stopper: StopChecker
+    text_parts: list[str] = field(default_factory=list)
+    finish_reason: str | None = None
+    stats: RequestStats = field(default_factory=RequestStats)
+    arrival: float = field(default_factory=time.perf_counter)
+    first_token_at: float = 0.0
+
+    @property
+    def request_id(self) -> str:
+        return self.sched.request_id
+
+    def output(self) -> RequestOutput:
+        return RequestOutput(
+            self.prompt,
+            self.sched.prompt_token_ids,
+            "".join(self.text_parts),
+            list(self.sched.output_token_ids),
+            self.finish_reason or "length",
+            self.stats,
+        )
+
+
+@dataclass
+class StepEvent:
+    request: LiveRequest
+    delta: str
+    finished: bool
+
+
+class EngineCore:
+    """Owns the scheduler and drives the engine session one iteration at a time."""
+
+    def __init__(
+        self,
+        session: EngineSession,
+        decode: Callable[[list[int]], str],
+        eos_token_ids: frozenset[int],
+        max_num_tokens: int,
+        kv_budget_tokens: int | None = None,
+        max_waiting: int | None = None,
+    ) -> None:
+        self.session = session
+        self.decode = decode
+        self.eos_token_ids = eos_token_ids
+        kv = KVCacheManager(session.max_batch, session.max_seq_len, kv_budget_tokens)
+        self.scheduler = Scheduler(kv, max_num_tokens, max_waiting)
+        self.live: dict[str, LiveRequest] = {}
+
+    def new_request(
+        self, prompt: str, prompt_ids: list[int], params: SamplingParams
+    ) -> LiveRequest:
+        sched = SchedRequest(prompt_ids, params.max_tokens)
+        detok = IncrementalDetokenizer(self.decode, prompt_ids)
+        return LiveRequest(prompt, sched, params, Sampler(params), detok, StopChecker(params.stop))
+
+    def add(self, request: LiveRequest) -> None:
+        self.scheduler.add_request(request.sched)
+        self.live[request.request_id] = request
+
+    def abort(self, request_id: str) -> LiveRequest | None:
+        """Cancel a request: its slot and KV are freed at once."""
+        request = self.live.pop(request_id, None)
+        if request is not None and request.finish_reason is None:
+            self.scheduler.finish(request.sched)
+            request.finish_reason = "cancelled"
+        return request
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    # -- one iteration ------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        output = self.scheduler.schedule()
+        if not output.chunks:
+            if self.scheduler.has_unfinished:
+                raise RuntimeError("scheduler made no progress [developer error]")
+            return []
+        logits = self._execute(output.chunks)
+        sampled: dict[str, int] = {}
+        for chunk in output.chunks:
+            if chunk.samples:
+                request = self.live[chunk.request.request_id]
+                sampled[request.request_id] = request.sampler.sample(logits[request.request_id])
+        self.scheduler.update(output, sampled)
+        now = time.perf_counter()
+        events = []
+        for request_id, token in sampled.items():
+            request = self.live[request_id]
+            delta = self._accept(request, token, now)
+            if request.finish_reason is not None:
+                self.scheduler.finish(request.sched)
+                del self.live[request_id]
+            events.append(StepEvent(request, delta, request.finish_reason is not None))
+        return events
+
+    def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
+        """Run CHUNKS on the session; return last-position logits per sampling request."""
+        logits: dict[str, np.ndarray] = {}
+        decodes = [c for c in chunks if c.num_new_tokens == 1]
+        if decodes:
+            logits.update(self._run_decodes(decodes))
+        for chunk in chunks:
+            if chunk.num_new_tokens > 1:
+                start = time.perf_counter()
+                logits.update(self._run_chunk(chunk))
+                if chunk.request.num_computed_tokens < len(chunk.request.prompt_token_ids):
+                    self.live[chunk.request.request_id].stats.prefill_s += (
+                        time.perf_counter() - start
+                    )
+        return logits
+
+    def _run_chunk(self, chunk: ScheduledChunk) -> dict[str, np.ndarray]:
+        request, start, n = chunk.request, chunk.start, chunk.num_new_tokens
+        assert request.slot is not None
+        tokens = request.all_token_ids[start : start + n]
+        out = self.session.step(
+            request.slot,
+            np.array([tokens], np.int64),
+            np.arange(start, start + n, dtype=np.int64)[None],
+            np.array([start + n - 1], np.int32),
+            np.array([n], np.int32),
+            np.array([n - 1], np.int64),
+        )
+        return {request.request_id: out[0]} if chunk.samples else {}
+
+    def _run_decodes(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
+        slots = [_slot(c) for c in chunks]
+        lo, hi = min(slots), max(slots) + 1
+        rows = hi - lo
+        input_ids = np.zeros((rows, 1), np.int64)
+        position_ids = np.zeros((rows, 1), np.int64)
+        seqlens_k = np.zeros(rows, np.int32)  # idle rows: T = 1, Q = 0 -> cache untouched
+        query_seqlens = np.zeros(rows, np.int32)
+        for c, slot in zip(chunks, slots, strict=True):
+            row = slot - lo
+            input_ids[row, 0] = c.request.all_token_ids[c.start]
+            position_ids[row, 0] = c.start
+            seqlens_k[row] = c.start
+            query_seqlens[row] = 1
+        rows_out = np.array(slots, np.int64) - lo
+        out = self.session.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, rows_out)
+        return {c.request.request_id: out[i] for i, c in enumerate(chunks) if c.samples}
+
+    def _accept(self, r: LiveRequest, token: int, now: float) -> str:
+        """Record R's new TOKEN (already appended by the scheduler); decide if R is finished."""
+        sched, p = r.sched, r.params
+        n = len(sched.output_token_ids)
+        r.stats.arrival_time = r.arrival
+        r.stats.token_times.append(now)
+        if n == 1:
+            r.first_token_at = now
+            r.stats.time_to_first_token_s = now - r.arrival
+        r.stats.prompt_tokens = len(sched.prompt_token_ids)
+        r.stats.generated_tokens = n
+        r.stats.decode_s = now - r.first_token_at
+        r.stats.total_s = now - r.arrival
+        r.stats.num_preemptions = sched.num_preemptions
+        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            r.finish_reason = "stop"
+            delta = r.stopper.flush()
+        else:
+            delta, stopped = r.stopper.feed(r.detokenizer.add(token))
+            if stopped:
+                r.finish_reason = "stop"
+            elif n >= p.max_tokens or sched.num_tokens >= self.session.max_seq_len:
+                r.finish_reason = "length"
+                delta += r.stopper.feed(r.detokenizer.flush())[0] + r.stopper.flush()
+        r.text_parts.append(delta)
+        return delta
+
+
+def _slot(chunk: ScheduledChunk) -> int:
+    if chunk.request.slot is None:
+        raise RuntimeError(f"{chunk.request.request_id} scheduled without a slot [developer error]")
+    return chunk.request.slot
+
+
+__all__ = [
+    "EngineCore",
+    "LiveRequest",
+    "RequestOutput",
+    "RequestStats",
+    "RequestStatus",
+    "StepEvent",
+]

@@ -1,0 +1,253 @@
+"""Iteration-level scheduler and KV-cache manager (pure Python, testable without a model).
+
+One idea, after vLLM v1: every request has *known* tokens (prompt + generated) and *computed*
+tokens (already in its KV-cache slot); each step the scheduler hands out a per-step token
+budget so that computed tokens catch up with known ones. Prefill, chunked prefill and decode
+are the same thing with different counts. Running requests are served before waiting ones
+(decode latency first), waiting ones are admitted FCFS while slots, KV budget and token budget
+allow. When the KV budget runs out, the most recently admitted running request is preempted:
+its cache is dropped and it returns to the front of the queue, to be recomputed from its known
+tokens (nothing is lost; its generated tokens are kept).
+
+KV layout (runtime/session.py): one slot per running request, a fixed row of capacity
+`slot_capacity` tokens in every layer's cache buffer. `token_budget` caps the sum of tokens
+held by all slots; by default it is the physical capacity, so only a smaller budget preempts.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from enginesmith.compiler.errors import InvalidRequestError
+
+
+class QueueFullError(InvalidRequestError):
+    """The waiting queue is at its bound: retry later or raise max_waiting."""
+
+
+class RequestStatus(Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)
+class SchedRequest:
+    """The scheduler's view of a request: token counts, slot and status."""
+
+    prompt_token_ids: list[int]
+    max_tokens: int
+    request_id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0  # tokens of all_token_ids already in the slot's KV cache
+    status: RequestStatus = RequestStatus.WAITING
+    slot: int | None = None
+    num_preemptions: int = 0
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_uncomputed(self) -> int:
+        return self.num_tokens - self.num_computed_tokens
+
+
+class KVCacheManager:
+    """Slots of a fixed-capacity cache plus a token budget across slots.
+
+    Only hands out or refuses: preemption decisions belong to the scheduler.
+    """
+
+    def __init__(self, num_slots: int, slot_capacity: int, token_budget: int | None = None) -> None:
+        self.num_slots = num_slots
+        self.slot_capacity = slot_capacity
+        self.token_budget = token_budget if token_budget is not None else num_slots * slot_capacity
+        self._free_slots = list(range(num_slots))
+        self._reserved: dict[str, int] = {}  # request_id -> tokens held
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def tokens_in_use(self) -> int:
+        return sum(self._reserved.values())
+
+    def allocate_slot(self, request: SchedRequest) -> int | None:
+        """Give REQUEST the lowest free slot (keeps running slots dense), or None if none."""
+        if not self._free_slots:
+            return None
+        self._free_slots.sort()
+        slot = self._free_slots.pop(0)
+        self._reserved[request.request_id] = 0
+        return slot
+
+    def reserve(self, request: SchedRequest, total_tokens: int) -> bool:
+        """Grow REQUEST's reservation to TOTAL_TOKENS; False if the budget cannot cover it."""
+        held = self._reserved[request.request_id]
+        extra = total_tokens - held
+        if extra <= 0:
+            return True
+        if self.tokens_in_use + extra > self.token_budget:
+            return False
+        self._reserved[request.request_id] = total_tokens
+        return True
+
+    def free(self, request: SchedRequest) -> None:
+        if request.request_id in self._reserved:
+            del self._reserved[request.request_id]
+            assert request.slot is not None
+            self._free_slots.append(request.slot)
+
+
+@dataclass
+class ScheduledChunk:
+    """Compute tokens [start, start + num_new_tokens) of REQUEST's known tokens this step."""
+
+    request: SchedRequest
+    start: int
+    num_new_tokens: int
+    samples: bool = False  # reaches the last known token, so a new token is sampled
+
+    @classmethod
+    def of(cls, request: SchedRequest, num_new_tokens: int) -> ScheduledChunk:
+        start = request.num_computed_tokens
+        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
+
+
+@dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk] = field(default_factory=list)
+    preempted: list[SchedRequest] = field(default_factory=list)
+
+    @property
+    def num_scheduled_tokens(self) -> int:
+        return sum(c.num_new_tokens for c in self.chunks)
+
+
+class Scheduler:
+    """add_request / schedule / update, with FCFS admission and a per-step token budget."""
+
+    def __init__(
+        self,
+        kv_manager: KVCacheManager,
+        max_num_tokens: int,
+        max_waiting: int | None = None,
+    ) -> None:
+        if max_num_tokens < 1:
+            raise ValueError("max_num_tokens must be >= 1 [developer error]")
+        self.kv = kv_manager
+        self.max_num_tokens = max_num_tokens
+        self.max_waiting = max_waiting
+        self.waiting: deque[SchedRequest] = deque()
+        self.running: list[SchedRequest] = []  # in admission order
+
+    # -- requests -----------------------------------------------------------------------
+
+    def add_request(self, request: SchedRequest) -> None:
+        if request.num_tokens > self.kv.slot_capacity - 1 and not request.output_token_ids:
+            raise InvalidRequestError(
+                f"the prompt has {request.num_tokens} tokens but a slot holds "
+                f"{self.kv.slot_capacity}: shorten the prompt or rebuild with a larger --max-seq-len"
+            )
+        if self.max_waiting is not None and len(self.waiting) >= self.max_waiting:
+            raise QueueFullError(
+                f"{len(self.waiting)} requests are already waiting (limit {self.max_waiting}): "
+                "retry later or raise max_waiting"
+            )
+        request.status = RequestStatus.WAITING
+        self.waiting.append(request)
+
+    def finish(self, request: SchedRequest) -> None:
+        """Remove REQUEST (finished or cancelled) and free its KV slot."""
+        if request.status is RequestStatus.RUNNING:
+            self.running.remove(request)
+            self.kv.free(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        request.status = RequestStatus.FINISHED
+        request.slot = None
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # -- one step -------------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.max_num_tokens
+        # 1. Running requests first, oldest first: decodes cost one token each.
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_uncomputed, budget)
+            if n == 0:
+                continue
+            if not self._reserve_or_preempt(request, request.num_computed_tokens + n, out):
+                continue  # it preempted itself
+            out.chunks.append(ScheduledChunk.of(request, n))
+            budget -= n
+        # 2. Admit waiting requests FCFS while slot, KV budget and token budget allow.
+        while self.waiting and budget > 0 and not out.preempted:
+            request = self.waiting[0]
+            n = min(request.num_uncomputed, budget)
+            slot = self.kv.allocate_slot(request)
+            if slot is None:
+                break
+            if not self.kv.reserve(request, request.num_computed_tokens + n):
+                request.slot = slot
+                self.kv.free(request)
+                request.slot = None
+                break
+            self.waiting.popleft()
+            request.slot = slot
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            out.chunks.append(ScheduledChunk.of(request, n))
+            budget -= n
+        return out
+
+    def _reserve_or_preempt(self, request: SchedRequest, total: int, out: SchedulerOutput) -> bool:
+        """Reserve TOTAL tokens for REQUEST, preempting the newest running requests if needed."""
+        while not self.kv.reserve(request, total):
+            victim = self.running[-1]
+            self._preempt(victim)
+            out.preempted.append(victim)
+            out.chunks = [c for c in out.chunks if c.request is not victim]
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: SchedRequest) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.slot = None
+        request.status = RequestStatus.WAITING
+        request.num_computed_tokens = 0  # recompute from the known tokens when resumed
+        request.num_preemptions += 1
+        self.waiting.appendleft(request)  # keeps its FCFS priority
+
+    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
+        """Advance computed counts of OUTPUT's chunks and append sampled tokens by request id."""
+        for chunk in output.chunks:
+            request = chunk.request
+            if request.status is not RequestStatus.RUNNING:
+                continue  # finished or cancelled while the step ran
+            request.num_computed_tokens = chunk.start + chunk.num_new_tokens
+            token = sampled.get(request.request_id)
+            if token is not None:
+                request.output_token_ids.append(token)
