@@ -90,7 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser(
         "bench",
-        help="benchmark prefill/decode against transformers (see: enginesmith bench --help)",
+        help="benchmark prefill/decode against transformers (enginesmith bench --help); with "
+        "--serving: sequential vs static vs in-flight serving (enginesmith bench --serving --help)",
         add_help=False,
     )
     return parser
@@ -99,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"]:
+        if "--serving" in argv:
+            from enginesmith.runtime import bench_serving
+
+            return bench_serving.main([a for a in argv[1:] if a != "--serving"])
         from enginesmith.runtime import bench
 
         return bench.main(argv[1:])
