@@ -118,7 +118,12 @@ def read_manifest(engine_dir: str | Path, verify_hashes: bool = True) -> dict[st
             f"({FORMAT_VERSION}); upgrade enginesmith or rebuild the engine with this version"
         )
     if verify_hashes:
-        if manifest.get(SELF_HASH_KEY) != manifest_digest(manifest):
+        if SELF_HASH_KEY not in manifest:
+            raise EngineDirError(
+                f"{root}: {MANIFEST} has no {SELF_HASH_KEY} (built by an older enginesmith); "
+                "rebuild the engine with build-engine --force"
+            )
+        if manifest[SELF_HASH_KEY] != manifest_digest(manifest):
             raise EngineDirError(
                 f"{root}: {MANIFEST} was modified (its sha256 does not match); rebuild the engine "
                 "with build-engine --force"
