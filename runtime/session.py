@@ -60,7 +60,9 @@ class EngineSession:
     def warmup(self) -> None:
         """One idle 1-token step: ORT's first run allocates and plans; keep that out of request
         timings. Slot 0's cache is untouched (query_seqlens = 0)."""
-        for seq in (1, 2):  # decode and prefill shapes take different kernel paths
+        # Decode and prefill shapes take different kernel paths; a 2-token step is too small to
+        # set up the prefill path (measured: the first 31-token prefill then took ~1 s).
+        for seq in (1, 16):
             ids = np.zeros((1, seq), np.int64)
             self.step(
                 0, ids, ids, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)
