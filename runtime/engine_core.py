@@ -3,9 +3,10 @@
 Shared by the synchronous `LLM.generate` loop and the asynchronous serving loop. Each step
 turns the scheduler's chunks into as few engine calls as padding allows: every single-token
 chunk (decode) goes into ONE call over the contiguous slot range they span (rows of other
-slots in that range are idle, query_seqlens = 0); each multi-token chunk (prefill or recompute)
-runs over its own slot, because padding a decode row to a 500-token chunk would multiply the
-work of the whole call.
+slots in that range are idle, query_seqlens = 0). Multi-token chunks (prefill or recompute)
+are grouped by adjacent slots into calls whose right padding stays under MAX_PADDING of the
+real tokens (one weight read for several prompts); a decode row is never padded to a
+chunk's length, which would multiply the work of the whole call.
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ from enginesmith.runtime.scheduler import (
     Scheduler,
 )
 from enginesmith.runtime.session import EngineSession
+
+# A prefill call may compute at most this fraction of padding on top of its real tokens.
+MAX_PADDING = 0.25
 
 
 @dataclass
@@ -181,29 +185,32 @@ class EngineCore:
         decodes = [c for c in chunks if c.num_new_tokens == 1]
         if decodes:
             logits.update(self._run_decodes(decodes))
-        for chunk in chunks:
-            if chunk.num_new_tokens > 1:
-                start = time.perf_counter()
-                logits.update(self._run_chunk(chunk))
-                if chunk.request.num_computed_tokens < len(chunk.request.prompt_token_ids):
-                    self.live[chunk.request.request_id].stats.prefill_s += (
-                        time.perf_counter() - start
-                    )
+        for group in group_prefill_chunks([c for c in chunks if c.num_new_tokens > 1]):
+            start = time.perf_counter()
+            logits.update(self._run_prefill_group(group))
+            elapsed = time.perf_counter() - start
+            for chunk in group:
+                if chunk.start < len(chunk.request.prompt_token_ids):
+                    self.live[chunk.request.request_id].stats.prefill_s += elapsed
         return logits
 
-    def _run_chunk(self, chunk: ScheduledChunk) -> dict[str, np.ndarray]:
-        request, start, n = chunk.request, chunk.start, chunk.num_new_tokens
-        assert request.slot is not None
-        tokens = request.all_token_ids[start : start + n]
-        out = self.session.step(
-            request.slot,
-            np.array([tokens], np.int64),
-            np.arange(start, start + n, dtype=np.int64)[None],
-            np.array([start + n - 1], np.int32),
-            np.array([n], np.int32),
-            np.array([n - 1], np.int64),
-        )
-        return {request.request_id: out[0]} if chunk.samples else {}
+    def _run_prefill_group(self, group: list[ScheduledChunk]) -> dict[str, np.ndarray]:
+        """One call over the adjacent slots of GROUP, each row right-padded to the longest."""
+        lo = _slot(group[0])
+        width = max(c.num_new_tokens for c in group)
+        input_ids = np.zeros((len(group), width), np.int64)
+        position_ids = np.zeros((len(group), width), np.int64)
+        seqlens_k = np.zeros(len(group), np.int32)
+        query_seqlens = np.zeros(len(group), np.int32)
+        for row, c in enumerate(group):
+            n = c.num_new_tokens
+            input_ids[row, :n] = c.request.all_token_ids[c.start : c.start + n]
+            position_ids[row] = np.arange(c.start, c.start + width)  # padding: any position works
+            seqlens_k[row] = c.start + n - 1
+            query_seqlens[row] = n
+        wanted = np.array([row * width + c.num_new_tokens - 1 for row, c in enumerate(group)])
+        out = self.session.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, wanted)
+        return {c.request.request_id: out[row] for row, c in enumerate(group) if c.samples}
 
     def _run_decodes(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
         slots = [_slot(c) for c in chunks]
@@ -249,6 +256,22 @@ class EngineCore:
                 delta += r.stopper.feed(r.detokenizer.flush())[0] + r.stopper.flush()
         r.text_parts.append(delta)
         return delta
+
+
+def group_prefill_chunks(chunks: list[ScheduledChunk]) -> list[list[ScheduledChunk]]:
+    """Split multi-token chunks into calls: rows on adjacent slots, padding <= MAX_PADDING."""
+    groups: list[list[ScheduledChunk]] = []
+    for chunk in sorted(chunks, key=_slot):
+        if groups:
+            candidate = [*groups[-1], chunk]
+            real = sum(c.num_new_tokens for c in candidate)
+            padded = len(candidate) * max(c.num_new_tokens for c in candidate)
+            adjacent = _slot(chunk) == _slot(groups[-1][-1]) + 1
+            if adjacent and padded <= (1 + MAX_PADDING) * real:
+                groups[-1].append(chunk)
+                continue
+        groups.append([chunk])
+    return groups
 
 
 def _slot(chunk: ScheduledChunk) -> int:

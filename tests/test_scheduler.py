@@ -175,3 +175,17 @@ def test_every_request_finishes_under_random_load() -> None:
         if not s.has_unfinished:
             break
     assert all(len(r.output_token_ids) == r.max_tokens for r in reqs)
+
+
+def test_prefill_chunks_group_by_adjacent_slots_and_padding() -> None:
+    from enginesmith.runtime.engine_core import group_prefill_chunks
+    from enginesmith.runtime.scheduler import ScheduledChunk
+
+    def chunk(slot: int, n: int) -> ScheduledChunk:
+        r = SchedRequest(list(range(n)), 4, request_id=f"s{slot}")
+        r.slot = slot
+        return ScheduledChunk.of(r, n)
+
+    groups = group_prefill_chunks([chunk(2, 30), chunk(0, 32), chunk(1, 28), chunk(3, 5), chunk(5, 30)])
+    # slots 0-2 have similar lengths: one call; slot 3 (5 tokens) would pad too much; 5 is not adjacent
+    assert [[c.request.slot for c in g] for g in groups] == [[0, 1, 2], [3], [5]]
