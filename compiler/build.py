@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -78,6 +79,11 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             f"{m.architecture}, {sum(p.numel() for p in m.model.parameters()) / 1e6:.1f}M params"
         ),
     )
+    if config.kv_heads is not None:  # a bad --kv-heads fails before the minute-long export
+        from enginesmith.passes.collapse_kv_heads import check_target
+
+        src = export.ModelDims.from_config(loaded.config)
+        check_target(config.kv_heads, src.num_heads, src.num_kv_heads)
     exported = stages.run(
         "export to ONNX (torch dynamo, opset 23)",
         lambda: export.export_model(loaded.model),
@@ -91,7 +97,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         )
 
     def log_pass(r: pipeline.PassRecord) -> None:
-        summary = {k: v for k, v in r.report.items() if k not in ("fused_layers",)}
+        hidden = ("fused_layers", "groups", "per_layer_reconstruction_error", "calibration")
+        summary = {k: v for k, v in r.report.items() if k not in hidden}
         log(f"      {r.name:<28} {r.seconds:6.2f} s  nodes={r.nodes_after}  {json.dumps(summary)}")
 
     pass_inputs = pipeline.PassInputs(config=config, loaded=loaded)
@@ -109,6 +116,9 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             "the onnxruntime backend's in-place KV cache needs every layer fused: report this "
             "export form with the model's config.json"
         )
+    collapse = next((r for r in records if r.name == "collapse-kv-heads"), None)
+    if collapse is not None:  # the runtime sizes its KV cache from the manifest's dims
+        dims = dataclasses.replace(dims, num_kv_heads=collapse.report["kv_heads_after"])
 
     manifest: dict[str, Any] = {}
     with artifact.atomic_engine_dir(output, config.force) as tmp:
@@ -151,6 +161,12 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
                     "files_by_role": roles,
                 }
             )
+            quantized = next((r for r in records if r.name == "quantize-weights"), None)
+            if quantized is not None:  # weight-only quantization: the scheme, for readers
+                from enginesmith.passes.quantize_weights import manifest_entry
+
+                manifest["quantization"] = manifest_entry(quantized.report)
+                manifest["dtypes"]["weights"] = manifest["quantization"]["mode"]
             return roles
 
         stages.run("write engine directory", write, lambda _: f"{_dir_mb(tmp):.1f} MB")

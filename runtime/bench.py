@@ -218,7 +218,10 @@ def engine_weight_bytes(engine_dir: Path, manifest: dict[str, Any]) -> WeightByt
         (
             n.input[0]
             for n in graph.node
-            if n.op_type == "Gather" and n.input[0] in sizes and "input_ids" in n.input[1:]
+            # GatherBlockQuantized: the packed table of a --quantize engine.
+            if n.op_type in ("Gather", "GatherBlockQuantized")
+            and n.input[0] in sizes
+            and "input_ids" in n.input[1:2]
         ),
         None,
     )

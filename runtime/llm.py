@@ -60,6 +60,7 @@ class LLM:
         max_num_tokens: int | None = None,
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
+        spin_wait: bool = True,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -67,6 +68,10 @@ class LLM:
         kv_budget_tokens: tokens all slots may hold together (default: max_batch x max_seq_len);
             a smaller budget makes the scheduler preempt and recompute instead of failing.
         max_waiting: bound of the waiting queue for submit(); None = unbounded.
+        spin_wait: let ONNX Runtime's worker threads spin between kernels. Fastest for one
+            synchronous caller (generate/stream); pass False to serve concurrent async callers
+            (submit/stream_async) when the machine is busy, since spinning workers starve the
+            event-loop thread (docs/benchmarks.md has the measurements).
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
@@ -82,7 +87,9 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
-        self.session = EngineSession(self.engine_dir, self.manifest, threads=threads)
+        self.session = EngineSession(
+            self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
+        )
         self.session.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
         budget = max_num_tokens or self.manifest.get("max_num_tokens", DEFAULT_MAX_NUM_TOKENS)

@@ -28,7 +28,7 @@ def greedy_params(n: int) -> list[SamplingParams]:
 
 
 def test_concurrent_async_callers_get_their_own_greedy_output(engine) -> None:  # type: ignore[no-untyped-def]
-    llm = LLM(engine)
+    llm = LLM(engine, spin_wait=False)
     params = greedy_params(len(MANY_PROMPTS))
     expected = alone(llm, MANY_PROMPTS, params)
 
@@ -46,7 +46,7 @@ def test_concurrent_async_callers_get_their_own_greedy_output(engine) -> None:  
 
 
 def test_async_stream_matches_generate(engine) -> None:  # type: ignore[no-untyped-def]
-    llm = LLM(engine)
+    llm = LLM(engine, spin_wait=False)
     params = SamplingParams(max_tokens=12, ignore_eos=True)
 
     async def collect() -> str:
@@ -82,7 +82,7 @@ def test_kv_budget_must_hold_one_sequence(engine) -> None:  # type: ignore[no-un
 
 
 def test_cancel_frees_the_slot(engine) -> None:  # type: ignore[no-untyped-def]
-    llm = LLM(engine)
+    llm = LLM(engine, spin_wait=False)
 
     async def cancel_midway() -> list[str]:
         stream = llm.stream_async(PROMPTS[2], SamplingParams(max_tokens=100, ignore_eos=True))

@@ -186,6 +186,8 @@ def test_prefill_chunks_group_by_adjacent_slots_and_padding() -> None:
         r.slot = slot
         return ScheduledChunk.of(r, n)
 
-    groups = group_prefill_chunks([chunk(2, 30), chunk(0, 32), chunk(1, 28), chunk(3, 5), chunk(5, 30)])
+    groups = group_prefill_chunks(
+        [chunk(2, 30), chunk(0, 32), chunk(1, 28), chunk(3, 5), chunk(5, 30)]
+    )
     # slots 0-2 have similar lengths: one call; slot 3 (5 tokens) would pad too much; 5 is not adjacent
     assert [[c.request.slot for c in g] for g in groups] == [[0, 1, 2], [3], [5]]
