@@ -741,10 +741,20 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def save_results(result: dict[str, Any], json_path: Path | None, prefix: str) -> Path:
+    """Write RESULT as JSON to JSON_PATH, or to the cache's bench/PREFIX-<timestamp>.json."""
+    from enginesmith.compiler.presets import cache_dir
+
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    path = (json_path or cache_dir() / "bench" / f"{prefix}-{stamp}.json").expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `enginesmith bench` and `python -m enginesmith.runtime.bench`."""
     from enginesmith.compiler.errors import EnginesmithError
-    from enginesmith.compiler.presets import cache_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -755,10 +765,7 @@ def main(argv: list[str] | None = None) -> int:
     except EnginesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (args.json or cache_dir() / "bench" / f"decode-{stamp}.json").expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_results(result, args.json, "decode")
     print(render(result))
     print(f"\nresults: {path}")
     return 0

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import command_line, format_table, machine_info
+from enginesmith.runtime.bench import command_line, format_table, machine_info, save_results
 
 SMOLLM2 = "smollm2-135m"
 MHA_MODELS = ("mha-random", "mha-clustered")
@@ -506,7 +506,6 @@ def render(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from enginesmith.compiler.errors import EnginesmithError
-    from enginesmith.compiler.presets import cache_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -521,10 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     except EnginesmithError as exc:
         print(f"bench-kv: error: {exc}", file=sys.stderr)
         return 1
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (args.json or cache_dir() / "bench" / f"kv-{stamp}.json").expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_results(result, args.json, "kv")
     print(render(result))
     print(f"\nresults: {path}")
     return 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import functools
 import gc
-import json
 import os
 import sys
 import time
@@ -47,6 +46,7 @@ from enginesmith.runtime.bench import (
     package_version,
     peer_decode,
     real_text_prompt,
+    save_results,
     summarize,
     torch_weight_bytes,
 )
@@ -583,7 +583,6 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `scripts/bench-quant` and `python -m enginesmith.runtime.bench_quant`."""
     from enginesmith.compiler.errors import EnginesmithError
-    from enginesmith.compiler.presets import cache_dir
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -594,10 +593,7 @@ def main(argv: list[str] | None = None) -> int:
     except EnginesmithError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path = (args.json or cache_dir() / "bench" / f"quant-{stamp}.json").expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = save_results(result, args.json, "quant")
     print(render(result))
     print(f"\nresults: {path}")
     return 0

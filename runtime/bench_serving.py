@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +29,14 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import command_line, format_table, log, machine_info, pydoc_text
+from enginesmith.runtime.bench import (
+    command_line,
+    format_table,
+    log,
+    machine_info,
+    pydoc_text,
+    save_results,
+)
 
 DEFAULT_ENGINE_NAME = "smollm2-135m-serving"
 
@@ -233,7 +239,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from enginesmith import LLM, SamplingParams
-    from enginesmith.compiler.presets import cache_dir
 
     engine = ensure_engine(args.engine or default_engine_dir(), args.max_batch)
     llm = LLM(engine)  # synchronous policies: spinning ORT workers are fastest
@@ -303,27 +308,21 @@ def main(argv: list[str] | None = None) -> int:
         rows,
     )
     print(header + "\n" + table)
-    path = args.json or cache_dir() / "bench" / f"serving-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(
-        json.dumps(
-            {
-                "command": command_line(),
-                "machine": machine_info(),
-                "engine": str(engine),
-                "workload": {
-                    "requests": len(w.prompts),
-                    "rate": args.rate,
-                    "seed": args.seed,
-                    "prompt_tokens": prompt_lens,
-                    "output_tokens": w.output_tokens,
-                    "arrivals": w.arrivals,
-                },
-                "results": results,
-            },
-            indent=2,
-        )
-    )
+    result = {
+        "command": command_line(),
+        "machine": machine_info(),
+        "engine": str(engine),
+        "workload": {
+            "requests": len(w.prompts),
+            "rate": args.rate,
+            "seed": args.seed,
+            "prompt_tokens": prompt_lens,
+            "output_tokens": w.output_tokens,
+            "arrivals": w.arrivals,
+        },
+        "results": results,
+    }
+    path = save_results(result, args.json, "serving")
     print(f"\nJSON: {path}")
     return 0
 
