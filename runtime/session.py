@@ -76,10 +76,6 @@ class EngineSession:
                 0, ids, ids, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)
             )
 
-    @property
-    def kv_cache_bytes(self) -> int:
-        return sum(a.nbytes for a in self.cache_key + self.cache_value)
-
     def _cache_views(self, start: int, stop: int) -> list[tuple[str, str, Any]]:
         """(past name, present name, OrtValue over rows [start, stop)) per cache, memoized."""
         key = (start, stop)
