@@ -752,23 +752,34 @@ def save_results(result: dict[str, Any], json_path: Path | None, prefix: str) ->
     return path
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Entry point of `enginesmith bench` and `python -m enginesmith.runtime.bench`."""
+def bench_main(
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    check: Callable[[argparse.ArgumentParser, argparse.Namespace], None],
+    run_fn: Callable[[argparse.Namespace, list[str]], dict[str, Any]],
+    render_fn: Callable[[dict[str, Any]], str],
+    prefix: str,
+) -> int:
+    """Shared entry point of the benchmark scripts: parse, check, run, save JSON, print."""
     from enginesmith.compiler.errors import EnginesmithError
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
     args = parser.parse_args(argv)
-    _check_args(parser, args)
+    check(parser, args)
     try:
-        result = run(args, argv)
+        result = run_fn(args, argv)
     except EnginesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 1
-    path = save_results(result, args.json, "decode")
-    print(render(result))
+    path = save_results(result, args.json, prefix)
+    print(render_fn(result))
     print(f"\nresults: {path}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `enginesmith bench` and `python -m enginesmith.runtime.bench`."""
+    return bench_main(argv, build_parser(), _check_args, run, render, "decode")
 
 
 if __name__ == "__main__":

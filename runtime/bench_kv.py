@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import command_line, format_table, machine_info, save_results
+from enginesmith.runtime.bench import bench_main, command_line, format_table, machine_info
 
 SMOLLM2 = "smollm2-135m"
 MHA_MODELS = ("mha-random", "mha-clustered")
@@ -504,26 +504,17 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    from enginesmith.compiler.errors import EnginesmithError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
+def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.runs < 1 or args.decode_tokens < 1 or args.context <= args.decode_tokens:
         parser.error("need --runs >= 1, --decode-tokens >= 1 and --context > --decode-tokens")
     unknown = set(args.models.split(",")) - {SMOLLM2, *MHA_MODELS}
     if unknown:
         parser.error(f"unknown --models {', '.join(sorted(unknown))}")
-    try:
-        result = run(args, argv)
-    except EnginesmithError as exc:
-        print(f"bench-kv: error: {exc}", file=sys.stderr)
-        return 1
-    path = save_results(result, args.json, "kv")
-    print(render(result))
-    print(f"\nresults: {path}")
-    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `scripts/bench-kv` and `python -m enginesmith.runtime.bench_kv`."""
+    return bench_main(argv, build_parser(), _check_args, run, render, "kv")
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ import numpy as np
 
 from enginesmith.runtime.bench import (
     DEFAULT_MODEL,
+    bench_main,
     command_line,
     common_prefix_len,
     default_engine_dir,
@@ -45,8 +46,8 @@ from enginesmith.runtime.bench import (
     ours_decode,
     package_version,
     peer_decode,
+    ratio,
     real_text_prompt,
-    save_results,
     summarize,
     torch_weight_bytes,
 )
@@ -541,8 +542,8 @@ def render(result: dict[str, Any]) -> str:
                 label,
                 f"{w['bytes_per_token'] / 1e6:.1f} MB" if w else "-",
                 format_cell(speed[name]),
-                format_ratio(_ratio(med(name), med("llama.cpp"))),
-                format_ratio(_ratio(med(name), med("transformers"))),
+                format_ratio(ratio(med(name), med("llama.cpp"))),
+                format_ratio(ratio(med(name), med("transformers"))),
                 f"{ppl[name]:.3f}" if name in ppl else "-",
                 same,
             ]
@@ -558,7 +559,7 @@ def render(result: dict[str, Any]) -> str:
         "",
         format_table(headers, rows),
     ]
-    race = _ratio(med("enginesmith int4"), med("llama.cpp"))
+    race = ratio(med("enginesmith int4"), med("llama.cpp"))
     if race is not None:
         ours, theirs = speed["enginesmith int4"]["samples"], speed["llama.cpp"]["samples"]
         wins = sum(a >= b for a, b in zip(ours, theirs, strict=True))
@@ -576,27 +577,9 @@ def render(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
-
-
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `scripts/bench-quant` and `python -m enginesmith.runtime.bench_quant`."""
-    from enginesmith.compiler.errors import EnginesmithError
-
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    _check_args(parser, args)
-    try:
-        result = run(args, argv)
-    except EnginesmithError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    path = save_results(result, args.json, "quant")
-    print(render(result))
-    print(f"\nresults: {path}")
-    return 0
+    return bench_main(argv, build_parser(), _check_args, run, render, "quant")
 
 
 if __name__ == "__main__":

@@ -222,7 +222,7 @@ class EngineCore:
         query_seqlens = np.zeros(rows, np.int32)
         for c, slot in zip(chunks, slots, strict=True):
             row = slot - lo
-            input_ids[row, 0] = c.request.all_token_ids[c.start]
+            input_ids[row, 0] = c.request.token_at(c.start)
             position_ids[row, 0] = c.start
             seqlens_k[row] = c.start
             query_seqlens[row] = 1

@@ -54,6 +54,15 @@ class SchedRequest:
     def num_tokens(self) -> int:
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_at(self, index: int) -> int:
+        """Known token INDEX without building prompt + output (decode hot path)."""
+        prompt = len(self.prompt_token_ids)
+        return (
+            self.prompt_token_ids[index]
+            if index < prompt
+            else self.output_token_ids[index - prompt]
+        )
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
