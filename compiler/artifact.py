@@ -21,6 +21,23 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+# The code that decides what an engine's graph is: an engine built by other code is stale.
+_COMPILER_SOURCES = ("compiler/export.py", "compiler/pipeline.py", "passes", "plugins")
+
+
+def compiler_fingerprint() -> str:
+    """sha256 over the compiler's graph-producing sources (export, pipeline, passes, plugins):
+    recorded in every manifest so that cached engines (benchmarks) can tell they are stale."""
+    root = Path(__file__).resolve().parent.parent
+    digest = hashlib.sha256()
+    for entry in _COMPILER_SOURCES:
+        path = root / entry
+        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
+        for f in files:
+            digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

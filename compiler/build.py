@@ -13,8 +13,9 @@ from typing import Any
 import numpy as np
 
 import enginesmith
-from enginesmith.compiler import artifact, export, pipeline, quality, sources
+from enginesmith.compiler import artifact, export, fusion_report, pipeline, quality, sources
 from enginesmith.compiler.backends import onnxruntime as ort_backend
+from enginesmith.compiler.backends import tensorrt as gpu_backend
 from enginesmith.compiler.config import BuildConfig
 from enginesmith.compiler.errors import BuildError
 
@@ -71,6 +72,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         raise EngineDirError(
             f"{output} already exists: pass --force to overwrite it, or choose another -o"
         )
+    if config.backend != "onnxruntime":  # e.g. no TensorRT installed: say so before the export
+        gpu_backend.check_build_environment(config)
     stages = _Stages(5 if config.verify else 4, log)
     loaded = stages.run(
         f"load {config.model}",
@@ -97,7 +100,14 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         )
 
     def log_pass(r: pipeline.PassRecord) -> None:
-        hidden = ("fused_layers", "groups", "per_layer_reconstruction_error", "calibration")
+        hidden = (
+            "fused_layers",
+            "packed_layers",
+            "norm_layers",
+            "groups",
+            "per_layer_reconstruction_error",
+            "calibration",
+        )
         summary = {k: v for k, v in r.report.items() if k not in hidden}
         log(f"      {r.name:<28} {r.seconds:6.2f} s  nodes={r.nodes_after}  {json.dumps(summary)}")
 
@@ -108,14 +118,11 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             exported.model, pipeline.PIPELINES[config.backend](dims, pass_inputs), log_pass
         ),
     )
-    fuse = next(r for r in records if r.name == "fuse-attention")
-    if fuse.report["fused"] != dims.num_layers:
-        reasons = "; ".join(f"{node}: {why}" for node, why in fuse.report["failures"].items())
-        raise BuildError(
-            f"only {fuse.report['fused']} of {dims.num_layers} attention layers fused ({reasons}); "
-            "the onnxruntime backend's in-place KV cache needs every layer fused: report this "
-            "export form with the model's config.json"
-        )
+    fusion = fusion_report.coverage(records, dims.num_layers)
+    for line in fusion_report.format_report(fusion):
+        log(line)
+    for line in fusion_report.check(fusion, config.strict_fusion):
+        log(line)
     collapse = next((r for r in records if r.name == "collapse-kv-heads"), None)
     if collapse is not None:  # the runtime sizes its KV cache from the manifest's dims
         dims = dataclasses.replace(dims, num_kv_heads=collapse.report["kv_heads_after"])
@@ -124,11 +131,18 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
     with artifact.atomic_engine_dir(output, config.force) as tmp:
 
         def write() -> dict[str, Any]:
-            roles = ort_backend.write_engine_files(exported.model, loaded.tokenizer, tmp)
+            if config.backend == "onnxruntime":
+                roles = ort_backend.write_engine_files(exported.model, loaded.tokenizer, tmp)
+            else:  # GPU backends: the same graph, plus model.plan for tensorrt
+                roles, trt_entry = gpu_backend.write_engine_files(
+                    exported.model, loaded.tokenizer, tmp, config, dims, log
+                )
             kv_shape = [config.max_batch, dims.num_kv_heads, config.max_seq_len, dims.head_dim]
             manifest.update(
                 {
                     "enginesmith_version": enginesmith.__version__,
+                    "compiler_fingerprint": artifact.compiler_fingerprint(),
+                    "build_config": config.fingerprint_fields(),
                     "backend": config.backend,
                     "backend_versions": ort_backend.runtime_versions(),
                     "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -167,6 +181,11 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
 
                 manifest["quantization"] = manifest_entry(quantized.report)
                 manifest["dtypes"]["weights"] = manifest["quantization"]["mode"]
+            if config.backend != "onnxruntime":  # fp16/bf16 KV cache with a scratch tail
+                lowering = next(r for r in records if r.name == "lower-flash-attention-trt")
+                manifest.update(
+                    gpu_backend.manifest_entries(config, dims, trt_entry, lowering.report)
+                )
             return roles
 
         stages.run("write engine directory", write, lambda _: f"{_dir_mb(tmp):.1f} MB")
@@ -177,8 +196,9 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
                 "weight_bytes": exported.weight_bytes,
             },
             "passes": [r.as_dict() for r in records],
+            "fusion": {r.rule: r.as_dict() for r in fusion},
         }
-        if config.verify and config.lossy:
+        if config.verify and config.lossy and _cannot_verify(config) is None:
             # A lossy pass changed the outputs on purpose: measure what it cost instead.
             report["quality"] = stages.run(
                 "measure quality against the fp32 model (held-out text)",
@@ -190,6 +210,9 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
                     q["top1_agreement"],
                 ).summary(),
             )
+        elif config.verify and (why := _cannot_verify(config)) is not None:
+            log(f"      verify skipped: {why}")
+            report["verify"] = {"skipped": why}
         elif config.verify:
             report["verify"] = stages.run(
                 "verify logits against transformers",
@@ -207,9 +230,9 @@ def measure_quality(
     engine_dir: Path, manifest: dict[str, Any], loaded: sources.LoadedModel
 ) -> quality.QualityReport:
     """Perplexity and top-1 agreement of the built engine vs the fp32 reference model."""
-    from enginesmith.runtime.session import EngineSession
+    from enginesmith.runtime.sessions import open_session
 
-    session = EngineSession(engine_dir, manifest)
+    session = open_session(engine_dir, manifest)
     tokens = min(1024, manifest["max_seq_len"])
     return quality.evaluate_engine(session, loaded.model, loaded.tokenizer, num_tokens=tokens)
 
@@ -220,11 +243,12 @@ def verify_engine(
     """Prefill a fixed text through the engine and through transformers; compare all logits."""
     import torch
 
-    from enginesmith.runtime.session import EngineSession
+    from enginesmith.runtime.sessions import open_session
 
-    ids = loaded.tokenizer(VERIFY_TEXT).input_ids[: manifest["max_seq_len"] - 1]
+    limit = min(manifest["max_seq_len"] - 1, manifest.get("max_step_tokens", 1 << 30))
+    ids = loaded.tokenizer(VERIFY_TEXT).input_ids[:limit]
     n = len(ids)
-    session = EngineSession(engine_dir, manifest)
+    session = open_session(engine_dir, manifest)
     logits = session.step(
         0,
         np.array([ids]),
@@ -238,12 +262,19 @@ def verify_engine(
     diff = float(np.abs(logits - reference).max())
     relative = diff / float(np.abs(reference).max())
     agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
-    if relative > VERIFY_RTOL:
+    # fp16/bf16 GPU engines round every activation: their own limit (backends/tensorrt.py).
+    rtol = gpu_backend.VERIFY_RTOL.get(manifest.get("dtypes", {}).get("activations"), VERIFY_RTOL)
+    if relative > rtol:
         raise BuildError(
-            f"engine logits differ from transformers by {relative:.2e} (relative, limit {VERIFY_RTOL}); "
+            f"engine logits differ from transformers by {relative:.2e} (relative, limit {rtol}); "
             "this is a compiler bug: report it with the model's config.json"
         )
     return {"tokens": n, "max_abs_diff": diff, "relative_diff": relative, "top1_agreement": agree}
+
+
+def _cannot_verify(config: BuildConfig) -> str | None:
+    """Why this machine cannot run the built engine (None: it can)."""
+    return None if config.backend == "onnxruntime" else gpu_backend.cannot_verify(config)
 
 
 def _dir_mb(path: Path) -> float:

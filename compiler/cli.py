@@ -9,9 +9,12 @@ from pathlib import Path
 from enginesmith.compiler import presets
 from enginesmith.compiler.config import (
     BACKENDS,
+    GPU_DTYPES,
     KV_GROUPINGS,
     QUANT_SCHEMES,
     QUANTIZE_MODES,
+    TRT_ATTENTION,
+    TRT_HARDWARE_COMPAT,
     BuildConfig,
 )
 from enginesmith.compiler.errors import EnginesmithError
@@ -43,7 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--backend",
         default="onnxruntime",
         choices=BACKENDS,
-        help="runtime the engine targets (default: onnxruntime, CPU)",
+        help="runtime the engine targets: onnxruntime (CPU, fp32; the default), "
+        "onnxruntime-gpu (ONNX Runtime's CUDA provider; needs onnxruntime-gpu) or tensorrt "
+        "(a TensorRT plan; needs TensorRT or TensorRT-RTX, see docs/tensorrt.md)",
     )
     parser.add_argument(
         "--max-batch",
@@ -58,6 +63,41 @@ def build_parser() -> argparse.ArgumentParser:
         default=2048,
         metavar="N",
         help="tokens per slot, prompt + generated; sets the KV-cache size (default: 2048)",
+    )
+    gpu = parser.add_argument_group("GPU backends (--backend onnxruntime-gpu | tensorrt)")
+    gpu.add_argument(
+        "--dtype",
+        choices=GPU_DTYPES,
+        default=None,
+        help="weights, activations and KV cache of the GPU engine (default: float16; logits "
+        "stay float32); TensorRT 11 takes precisions from the graph, so this is baked in",
+    )
+    gpu.add_argument(
+        "--onnx-only",
+        action="store_true",
+        help="tensorrt: write the TensorRT-ready ONNX graph (model.onnx) and stop; needs "
+        "neither TensorRT nor a GPU; build the plan later on the target",
+    )
+    gpu.add_argument(
+        "--trt-attention",
+        choices=TRT_ATTENTION,
+        default="auto",
+        help="tensorrt: attention ops to lower to: trt (TRT_KVCacheUpdate + TRT_Attention, "
+        "per-row KV lengths), onnx (TensorScatter + Attention with a mask; also runs in ONNX "
+        "Runtime, for side-by-side checks); auto = trt unless the model has a sliding window",
+    )
+    gpu.add_argument(
+        "--trt-hardware-compat",
+        choices=TRT_HARDWARE_COMPAT,
+        default="none",
+        help="tensorrt: GPUs the plan may run on: none (only the build GPU's compute "
+        "capability, fastest), ampere-plus (any Ampere or newer GPU), same-cc (any GPU of the "
+        "same compute capability)",
+    )
+    gpu.add_argument(
+        "--trt-version-compatible",
+        action="store_true",
+        help="tensorrt: build a version-compatible plan that later TensorRT releases can load",
     )
     quant = parser.add_argument_group("weight-only quantization")
     quant.add_argument(
@@ -112,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
         "share N tokens per engine step; smaller N = lower decode latency while others prefill "
         "(default: 512)",
     )
+    parser.add_argument(
+        "--strict-fusion",
+        action="store_true",
+        help="fail the build when any fusion rule (rotary, Q/K/V or gate/up packing, RMSNorm) "
+        "misses a layer, instead of warning and building the slower engine; an unfused "
+        "attention layer always fails the build",
+    )
     parser.add_argument("--force", action="store_true", help="overwrite ENGINE_DIR if it exists")
     parser.add_argument(
         "--no-verify",
@@ -139,12 +186,18 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             max_num_tokens=args.max_num_tokens,
             force=args.force,
             verify=not args.no_verify,
+            strict_fusion=args.strict_fusion,
             quantize=args.quantize,
             block_size=args.block_size,
             quant_scheme=args.quant_scheme,
             kv_heads=args.kv_heads,
             kv_grouping=args.kv_grouping,
             calibration=args.calibration,
+            dtype=args.dtype,
+            onnx_only=args.onnx_only,
+            trt_attention=args.trt_attention,
+            trt_hardware_compat=args.trt_hardware_compat,
+            trt_version_compatible=args.trt_version_compatible,
         )
         build(config, log=log)
     except EnginesmithError as exc:

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
 from enginesmith.compiler.errors import BuildError
 
-BACKENDS = ("onnxruntime",)
+# onnxruntime: CPU, fp32. onnxruntime-gpu: ONNX Runtime's CUDA provider, fp16/bf16.
+# tensorrt: a TensorRT plan (model.plan) built from the same fp16/bf16 graph.
+BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
+GPU_BACKENDS = ("onnxruntime-gpu", "tensorrt")
+GPU_DTYPES = ("float16", "bfloat16")
+TRT_ATTENTION = ("auto", "trt", "onnx")
+TRT_HARDWARE_COMPAT = ("none", "ampere-plus", "same-cc")
 QUANTIZE_MODES = ("int8", "int4")
 QUANT_SCHEMES = ("symmetric", "asymmetric")
 KV_GROUPINGS = ("contiguous", "similarity")
@@ -25,6 +32,7 @@ class BuildConfig:
     max_num_tokens: int = 512  # per-step token budget of the runtime's scheduler
     force: bool = False
     verify: bool = True  # compare the engine's logits with transformers' after building
+    strict_fusion: bool = False  # any fusion rule that misses a layer fails the build
     # Weight-only quantization (passes/quantize_weights.py); None = fp32 weights.
     quantize: str | None = None
     block_size: int = 32
@@ -33,8 +41,15 @@ class BuildConfig:
     kv_heads: int | None = None
     kv_grouping: str = "contiguous"
     calibration: Path | None = None  # calibration text for --kv-grouping similarity
+    # GPU backends (compiler/backends/tensorrt.py); dtype None = float16 there, float32 on CPU.
+    dtype: str | None = None
+    onnx_only: bool = False  # tensorrt: write the TensorRT-ready ONNX graph, build no plan
+    trt_attention: str = "auto"  # op set of the attention lowering (TRT_* or standard ONNX)
+    trt_hardware_compat: str = "none"  # TensorRT hardware-compatibility level of the plan
+    trt_version_compatible: bool = False  # plan loadable by later TensorRT versions
 
     def __post_init__(self) -> None:
+        self._check_gpu_options()
         if self.backend not in BACKENDS:
             raise BuildError(
                 f"backend {self.backend!r} is not available; choose one of {', '.join(BACKENDS)}"
@@ -57,6 +72,37 @@ class BuildConfig:
             raise BuildError(f"--kv-heads must be >= 1 (got {self.kv_heads})")
         if self.kv_grouping not in KV_GROUPINGS:
             raise BuildError(f"--kv-grouping must be one of {', '.join(KV_GROUPINGS)}")
+
+    def _check_gpu_options(self) -> None:
+        if self.dtype is not None and self.dtype not in GPU_DTYPES:
+            raise BuildError(f"--dtype must be one of {', '.join(GPU_DTYPES)} (got {self.dtype!r})")
+        if self.dtype is not None and self.backend not in GPU_BACKENDS:
+            raise BuildError(
+                f"--dtype {self.dtype} is for the GPU backends ({', '.join(GPU_BACKENDS)}); "
+                "the onnxruntime CPU engine is float32: drop --dtype or add --backend tensorrt"
+            )
+        if self.onnx_only and self.backend != "tensorrt":
+            raise BuildError("--onnx-only applies to --backend tensorrt only")
+        if self.trt_attention not in TRT_ATTENTION:
+            raise BuildError(f"--trt-attention must be one of {', '.join(TRT_ATTENTION)}")
+        if self.trt_hardware_compat not in TRT_HARDWARE_COMPAT:
+            raise BuildError(
+                f"--trt-hardware-compat must be one of {', '.join(TRT_HARDWARE_COMPAT)}"
+            )
+        if self.backend in GPU_BACKENDS and self.quantize is not None:
+            raise BuildError(
+                f"--quantize builds ONNX Runtime CPU kernels (MatMulNBits) and is not available "
+                f"with --backend {self.backend}: drop --quantize"
+            )
+
+    def fingerprint_fields(self) -> dict[str, object]:
+        """The fields that shape the engine (not where it goes or how it is checked)."""
+        skip = {"output", "force", "verify", "strict_fusion"}
+        return {
+            k: str(v) if isinstance(v, Path) else v
+            for k, v in dataclasses.asdict(self).items()
+            if k not in skip
+        }
 
     @property
     def lossy(self) -> bool:

@@ -9,8 +9,10 @@ The exported graph is the *unfused* reference form:
              the last prompt token in prefill, every draft token in verification),
              present_key.{i} / present_value.{i} [batch, kv_heads, past + seq, head_dim]
 
-With opset 23 the dynamo exporter writes native RMSNormalization, RotaryEmbedding and Attention
-nodes; the cache grows by Concat. Passes rewrite this into the engine's in-place form.
+With opset 23 and SDPA attention (the defaults) the dynamo exporter writes native
+RMSNormalization, RotaryEmbedding and Attention nodes; with eager attention or an older opset,
+attention is decomposed (MatMul -> scale -> mask -> Softmax -> MatMul). The cache grows by Concat
+either way. Passes rewrite this into the engine's in-place form.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ import onnx_ir as ir
 from enginesmith.compiler.errors import BuildError
 
 EXPORT_OPSET = 23
+MIN_EXPORT_OPSET = 18  # the dynamo exporter's floor: below it, it silently writes opset 18
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")  # HF attention implementations that export
 
 
 @dataclass(frozen=True)
@@ -115,12 +119,36 @@ def io_names(num_layers: int) -> tuple[list[str], list[str]]:
     return ["input_ids", "position_ids", "logits_indices", *past], ["logits", *present]
 
 
-def export_model(hf_model: Any) -> ExportResult:
-    """Export HF_MODEL (a transformers causal LM in fp32) to an onnx_ir model."""
+def export_model(
+    hf_model: Any, *, opset: int = EXPORT_OPSET, attn_implementation: str = "sdpa"
+) -> ExportResult:
+    """Export HF_MODEL (a transformers causal LM in fp32) to an onnx_ir model.
+
+    OPSET and ATTN_IMPLEMENTATION choose the attention form: SDPA at opset >= 23 exports as
+    ONNX Attention nodes; eager attention, or SDPA below opset 23, as the decomposed chain
+    (passes/attention_patterns.py). Below opset 23 RMSNorm and rotary are decomposed too.
+    """
+    if attn_implementation not in ATTN_IMPLEMENTATIONS:
+        raise BuildError(
+            f"attn_implementation {attn_implementation!r} does not export; "
+            f"use one of {', '.join(ATTN_IMPLEMENTATIONS)}"
+        )
+    if opset < MIN_EXPORT_OPSET:
+        raise BuildError(f"opset {opset} does not export; use opset {MIN_EXPORT_OPSET} or newer")
+    dims = ModelDims.from_config(hf_model.config)
+    previous = hf_model.config._attn_implementation
+    hf_model.set_attn_implementation(attn_implementation)
+    try:
+        return _export(hf_model, dims, opset)
+    finally:
+        # The caller's model keeps running as before (tests share one loaded model).
+        if previous and previous != attn_implementation:
+            hf_model.set_attn_implementation(previous)
+
+
+def _export(hf_model: Any, dims: ModelDims, opset: int) -> ExportResult:
     import torch
 
-    dims = ModelDims.from_config(hf_model.config)
-    hf_model.set_attn_implementation("sdpa")  # SDPA exports as ONNX Attention at opset 23
     wrapper = _kv_wrapper(hf_model, dims.num_layers)
 
     batch, seq, past = 2, 3, 5
@@ -147,7 +175,7 @@ def export_model(hf_model: Any) -> ExportResult:
                 wrapper,
                 (input_ids, position_ids, logits_indices, past_kv),
                 dynamo=True,
-                opset_version=EXPORT_OPSET,
+                opset_version=opset,
                 dynamic_shapes=dynamic_shapes,
                 optimize=True,
                 verbose=False,

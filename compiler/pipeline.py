@@ -8,14 +8,21 @@ from typing import Any
 
 import onnx_ir as ir
 
+from enginesmith.compiler.backends.tensorrt import tensorrt_passes
 from enginesmith.compiler.config import BuildConfig
 from enginesmith.compiler.errors import BuildError
 from enginesmith.compiler.export import ModelDims
 from enginesmith.compiler.sources import LoadedModel
 from enginesmith.passes.base import EnginePass
+from enginesmith.passes.canonicalize import CanonicalizePass
 from enginesmith.passes.cleanup import CleanupPass
 from enginesmith.passes.fuse_attention import FuseAttentionPass
+from enginesmith.passes.fuse_rmsnorm import FuseRMSNormPass
+from enginesmith.passes.fuse_rotary import FuseRotaryIntoAttentionPass
+from enginesmith.passes.pack_gate_up import PackGateUpPass
+from enginesmith.passes.pack_qkv import PackQKVPass
 from enginesmith.passes.quantize_weights import QuantizeWeightsPass
+from enginesmith.passes.remove_layout_noops import RemoveLayoutNoOpsPass
 from enginesmith.plugins.flash_attention.onnxruntime import LowerFlashAttentionToORT
 
 
@@ -29,19 +36,38 @@ class PassInputs:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+DEFAULT_MAX_POSITIONS = 2048  # rotary tables when no BuildConfig gives max_seq_len (tests)
+
+
 def onnxruntime_passes(dims: ModelDims, inputs: PassInputs | None = None) -> list[EnginePass]:
     config = inputs.config if inputs else None
     passes: list[EnginePass] = [
-        # Attention first: it needs the exporter's Concat/Expand cache chain intact.
+        # Older opsets / decomposed RMSNorm and rotary -> the opset-23 ops the fusions match.
+        CanonicalizePass(),
+        # Attention next: it needs the exporter's Concat/Expand cache chain intact.
         FuseAttentionPass(dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.sliding_window),
         # The causal-mask and Concat chains are now dead; fold and collapse what is left.
         CleanupPass(),
     ]
     if config is not None and config.kv_heads is not None:
-        # [kv-collapse] On the backend-neutral plugin op, before lowering.
+        # [kv-collapse] On the backend-neutral plugin op, before lowering (and before packing:
+        # it rewrites the K/V projection weights).
         passes.append(_collapse_kv_heads(dims, config, inputs))
-    # Backend lowering after every backend-neutral pass: they all see the plugin op.
-    passes.append(LowerFlashAttentionToORT())
+    max_positions = config.max_seq_len if config is not None else DEFAULT_MAX_POSITIONS
+    passes += [
+        # Decode-speed fusions on the plugin op: rotary into it, then the exporter's Reshape
+        # chains around it are no-ops, then one packed QKV projection per layer.
+        FuseRotaryIntoAttentionPass(dims.head_dim, max_positions),
+        CleanupPass(),  # cancels the Transpose pairs the rotary left
+        RemoveLayoutNoOpsPass(),
+        CleanupPass(),
+        PackQKVPass(),
+        PackGateUpPass(),
+        # Backend lowering after every backend-neutral pass: they all see the plugin op.
+        LowerFlashAttentionToORT(),
+        FuseRMSNormPass(),
+        CleanupPass(),
+    ]
     if config is not None and config.quantize is not None:
         # [quantize] Backend-specific weight format (MatMulNBits), after lowering.
         # accuracy_level 4: int8 activations inside MatMulNBits, the fast CPU kernels.
@@ -85,7 +111,12 @@ def _collapse_kv_heads(
     )
 
 
-PIPELINES = {"onnxruntime": onnxruntime_passes}
+# The GPU backends share one TensorRT-ready graph (compiler/backends/tensorrt.py).
+PIPELINES = {
+    "onnxruntime": onnxruntime_passes,
+    "onnxruntime-gpu": tensorrt_passes,
+    "tensorrt": tensorrt_passes,
+}
 
 
 @dataclass

@@ -17,9 +17,9 @@ head and the embedding lookup share ONE packed tensor: no fp32 copy of the table
 is stored once. The two ops need different scale shapes ([N, kb] vs [N, kb, 1]), so only the
 scales (1/8 of the packed bytes at 4 bits) are stored twice.
 
-MatMuls that read the same input (q/k/v, gate/up) are first merged into one MatMul over their
-weights concatenated along N, then a Split: quantization is per output column, so the numbers
-are the same, and one larger MatMulNBits decodes faster than several small ones.
+Packing is not this pass's job: pack-qkv and pack-gate-up (run before it) have already merged
+q/k/v and gate/up into one MatMul each. Quantization is per output column, so quantizing the
+packed weight is quantizing each part, and one larger MatMulNBits decodes faster than several.
 
 The embedding table and the LM head (the weights read by a Gather, or whose reader's output is
 a graph output) can take their own `embedding_bits` / `embedding_block_size`: they are the most
@@ -203,8 +203,6 @@ class QuantizeWeightsPass(EnginePass):
         head_blocks: set[int] = set()  # block sizes used for the embedding table / LM head
         quantized_before = quantized_after = 0
         total_before = _initializer_bytes(graph.initializers.values())
-        # MatMuls merged with their siblings: merged weight name -> how many MatMuls it holds.
-        merged = _merge_sibling_matmuls(graph)
 
         for weight in list(graph.initializers.values()):
             uses, reason = _classify(weight)
@@ -245,7 +243,7 @@ class QuantizeWeightsPass(EnginePass):
                     if any(out.is_graph_output() for out in use.node.outputs):
                         lm_head.append(label)  # its output is the logits
                     self._replace_matmul(graph, use.node, packing)
-                counts[use.kind] += merged.get(str(weight.name), 1)
+                counts[use.kind] += 1
             for packing in packings.values():
                 if {"gather", "gemm_t"} <= packing.readers:
                     shared.append(str(weight.name))
@@ -266,7 +264,6 @@ class QuantizeWeightsPass(EnginePass):
             "scheme": "symmetric" if self.symmetric else "asymmetric",
             "accuracy_level": self.accuracy_level,
             "matmuls_quantized": counts["matmul"] + counts["gemm_t"],
-            "merged_groups": len(merged),
             "matmulnbits_nodes": sum(1 for n in graph if n.op_type == "MatMulNBits"),
             "gathers_quantized": counts["gather"],
             "skipped": skipped,
@@ -344,61 +341,6 @@ class QuantizeWeightsPass(EnginePass):
                 ir.node("Slice", [nodes[-1].outputs[0], starts, ends, axes], name=f"{prefix}.slice")
             )
         _swap(graph, node, nodes)
-
-
-def _merge_sibling_matmuls(graph: ir.Graph) -> dict[str, int]:
-    """Merge MatMuls that read the same input into one MatMul over their weights concatenated
-    along N, followed by a Split (q/k/v, gate/up): fewer, larger kernels. Quantization is per
-    output column, so quantizing the concatenation is quantizing each weight: same numbers.
-    Returns {merged weight name: number of MatMuls merged into it}."""
-    groups: dict[int, list[ir.Node]] = {}
-    for node in graph:
-        weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) == 2 else None
-        if node.domain != "" or weight is None or node.inputs[0] is None:
-            continue
-        value = weight.const_value
-        if (
-            value is None
-            or value.dtype != ir.DataType.FLOAT
-            or len(value.shape) != 2
-            or len(weight.uses()) != 1  # the weight is this node's alone
-            or node.outputs[0].is_graph_output()
-        ):
-            continue
-        groups.setdefault(id(node.inputs[0]), []).append(node)
-    merged: dict[str, int] = {}
-    for nodes in groups.values():
-        weights = [n.inputs[1].const_value.numpy() for n in nodes]  # type: ignore[union-attr]
-        if len(nodes) < 2 or len({w.shape[0] for w in weights}) != 1:
-            continue
-        name = f"{nodes[0].name or 'matmul'}.merged"
-        weight = _add_initializer(graph, f"{name}.weight", np.concatenate(weights, axis=1))
-        sizes = _add_initializer(
-            graph, f"{name}.split", np.array([w.shape[1] for w in weights], np.int64)
-        )
-        matmul = ir.node("MatMul", [nodes[0].inputs[0], weight], name=name)
-        split = ir.node(
-            "Split",
-            [matmul.outputs[0], sizes],
-            {"axis": -1},
-            num_outputs=len(nodes),
-            name=f"{name}.split",
-        )
-        graph.insert_before(nodes[0], [matmul, split])
-        for old, new in zip(nodes, split.outputs, strict=True):
-            new.name, new.shape, new.type = (
-                old.outputs[0].name,
-                old.outputs[0].shape,
-                old.outputs[0].type,
-            )
-            old.outputs[0].name = None
-            ir.convenience.replace_all_uses_with(old.outputs[0], new)
-            old_weight = old.inputs[1]
-            graph.remove(old, safe=True)
-            if old_weight is not None and not old_weight.uses():
-                graph.initializers.pop(str(old_weight.name))
-        merged[str(weight.name)] = len(nodes)
-    return merged
 
 
 def _classify(weight: ir.Value) -> tuple[list[_Use], str | None]:

@@ -5,12 +5,14 @@ One run measures, on the same machine and the same token ids:
 * prefill: a prompt of exactly --prefill-tokens tokens of real text (Python's own docs,
   `pydoc_data.topics`), timed as one engine call for us and one `model(...)` forward for
   transformers;
-* decode: batch 1, --decode-tokens greedy tokens after a short real-text prompt;
+* decode: batch 1, --decode-tokens greedy tokens after a --decode-prompt-tokens real-text prompt;
 * the memory-bandwidth bound of decode: read-only bandwidth measured here, divided by the
-  weight bytes one decoded token has to read.
+  weight bytes one decoded token has to read;
+* the same prefill and decode on the model's *unfused* export (runtime/unfused_baseline.py):
+  what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights.
 
-Every measurement is repeated --runs times after one warm-up, ours and transformers'
-interleaved in each repetition so that machine noise hits both. The table goes to stdout, the
+Every measurement is repeated --runs times after one warm-up, ours, unfused and transformers'
+interleaved in each repetition so that machine noise hits all of them. The table goes to stdout, the
 progress to stderr, and everything (raw samples included) to a JSON file.
 """
 
@@ -33,7 +35,7 @@ from typing import Any
 import numpy as np
 
 DEFAULT_MODEL = "smollm2-135m"
-DECODE_PROMPT_TOKENS = 32  # short prompt before decode: decode speed, not attention length
+DECODE_PROMPT_TOKENS = 512  # prompt before decode: a realistic attention length
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any CPU cache
 BANDWIDTH_REPS = 10  # per method and phase; the max is kept (noise only ever slows a pass)
 
@@ -388,23 +390,37 @@ def default_engine_dir() -> Path:
     return cache_dir() / "engines" / f"{DEFAULT_MODEL}-bench"
 
 
-def ensure_engine(engine_dir: Path) -> Path:
-    """ENGINE_DIR, built from the SmolLM2 preset first if it does not exist yet."""
+def cached_engine(config: Any, rebuild: bool = False, check_stale: bool = True) -> Path:
+    """CONFIG.output (a compiler.config.BuildConfig), built when it is missing, when REBUILD,
+    or (CHECK_STALE) when the engine there is stale: built by other compiler code (the
+    manifest's compiler_fingerprint) or with other build settings. Benchmarks of cached
+    engines must measure what the current compiler builds."""
+    import dataclasses
+
+    from enginesmith.compiler.artifact import compiler_fingerprint, read_manifest
     from enginesmith.compiler.errors import EngineDirError
 
-    engine_dir = engine_dir.expanduser()
-    if (engine_dir / "manifest.json").is_file():
-        return engine_dir
-    if engine_dir.exists():
-        raise EngineDirError(
-            f"{engine_dir} exists but has no manifest.json: pass another --engine or remove it"
-        )
+    path = config.output.expanduser()
+    reason = "--rebuild" if rebuild else None
+    if reason is None and not (path / "manifest.json").is_file():
+        if path.exists():
+            raise EngineDirError(
+                f"{path} exists but has no manifest.json: remove it or pass another"
+            )
+        reason = "no engine there yet"
+    if reason is None and check_stale:
+        manifest = read_manifest(path, verify_hashes=False)
+        if manifest.get("compiler_fingerprint") != compiler_fingerprint():
+            reason = "it was built by other compiler code"
+        elif manifest.get("build_config") != config.fingerprint_fields():
+            reason = "it was built with other settings"
+    if reason is None:
+        return path
     from enginesmith.compiler.build import build
-    from enginesmith.compiler.config import BuildConfig
 
-    log(f"no engine at {engine_dir}: building {DEFAULT_MODEL} (about a minute)")
-    build(BuildConfig(model=DEFAULT_MODEL, output=engine_dir), log=log)
-    return engine_dir
+    log(f"building {path} ({reason}; about a minute)")
+    build(dataclasses.replace(config, output=path, force=True), log=log)
+    return path
 
 
 def command_line() -> str:
@@ -490,8 +506,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=256,
         metavar="N",
-        help=f"greedy tokens to decode at batch 1 after a {DECODE_PROMPT_TOKENS}-token prompt "
-        "(default: 256)",
+        help="greedy tokens to decode at batch 1 after the decode prompt (default: 256)",
+    )
+    p.add_argument(
+        "--decode-prompt-tokens",
+        type=int,
+        default=DECODE_PROMPT_TOKENS,
+        metavar="N",
+        help=f"real-text prompt length before decode (default: {DECODE_PROMPT_TOKENS})",
     )
     p.add_argument(
         "--json",
@@ -502,7 +524,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--skip-transformers",
         action="store_true",
-        help="measure only the engine (no transformers model is loaded; no ratios)",
+        help="do not measure transformers (no transformers model is loaded; no ratios)",
+    )
+    p.add_argument(
+        "--skip-unfused",
+        action="store_true",
+        help="do not measure the unfused ONNX export run by ONNX Runtime",
+    )
+    p.add_argument(
+        "--unfused-dir",
+        type=Path,
+        metavar="DIR",
+        help="where the unfused export is cached; exported on first use, about a minute "
+        "(default: <cache>/engines/<model>-unfused)",
     )
     return p
 
@@ -512,6 +546,8 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"--runs must be >= 1 (got {args.runs})")
     if args.prefill_tokens < 1:
         p.error(f"--prefill-tokens must be >= 1 (got {args.prefill_tokens})")
+    if args.decode_prompt_tokens < 1:
+        p.error(f"--decode-prompt-tokens must be >= 1 (got {args.decode_prompt_tokens})")
     if args.decode_tokens < 2:
         p.error(
             f"--decode-tokens must be >= 2: decode speed excludes the first (got {args.decode_tokens})"
@@ -520,16 +556,20 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Every measurement of one benchmark run, as the JSON-able result dict."""
+    from enginesmith.compiler.config import BuildConfig
     from enginesmith.compiler.errors import InvalidRequestError
     from enginesmith.runtime.llm import LLM
 
-    engine_dir = ensure_engine(args.engine or default_engine_dir())
+    engine_dir = cached_engine(
+        BuildConfig(model=DEFAULT_MODEL, output=args.engine or default_engine_dir()),
+        check_stale=args.engine is None,  # an engine the user names is measured as it is
+    )
     bandwidth = {"before": measure_bandwidth()}  # before any model takes memory or cache
 
     log(f"loading engine {engine_dir}")
     llm = LLM(engine_dir)
     max_seq = llm.max_seq_len
-    if args.prefill_tokens >= max_seq or DECODE_PROMPT_TOKENS + args.decode_tokens >= max_seq:
+    if args.prefill_tokens >= max_seq or args.decode_prompt_tokens + args.decode_tokens >= max_seq:
         raise InvalidRequestError(
             f"this engine holds {max_seq} tokens per sequence: lower --prefill-tokens or "
             "--decode-tokens"
@@ -543,13 +583,21 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         return str(tok.decode(ids))
 
     prefill_prompt, prefill_ids = real_text_prompt(encode, decode, args.prefill_tokens)
-    decode_prompt, decode_ids = real_text_prompt(encode, decode, DECODE_PROMPT_TOKENS)
+    decode_prompt, decode_ids = real_text_prompt(encode, decode, args.decode_prompt_tokens)
+    source = llm.manifest.get("source", {}).get("model", DEFAULT_MODEL)
+
+    unfused = None
+    if not args.skip_unfused:
+        from enginesmith.compiler.presets import cache_dir
+        from enginesmith.runtime.unfused_baseline import UnfusedRunner, ensure_unfused_export
+
+        default_dir = cache_dir() / "engines" / f"{Path(str(source)).name}-unfused"
+        unfused = UnfusedRunner(ensure_unfused_export(source, args.unfused_dir or default_dir, log))
 
     peer = None
     if not args.skip_transformers:
         from enginesmith.compiler.sources import load_model
 
-        source = llm.manifest.get("source", {}).get("model", DEFAULT_MODEL)
         log(f"loading transformers model {source}")
         peer = load_model(source)
         peer.model.eval()
@@ -560,21 +608,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "ours_decode_step_only": [],
         "transformers_prefill": [],
         "transformers_decode": [],
+        "unfused_prefill": [],
+        "unfused_decode": [],
     }
     last: dict[str, Any] = {}
     for rep in range(args.runs + 1):
         label = "warm-up" if rep == 0 else f"run {rep}/{args.runs}"
         log(f"{label}: prefill {len(prefill_ids)} tokens, decode {args.decode_tokens} tokens")
-        # Interleaved: ours then transformers for each phase, so a noisy second hits both.
+        # Interleaved: ours, unfused, transformers for each phase: a noisy second hits all.
         p_ours = ours_prefill(llm, prefill_prompt, len(prefill_ids))
+        p_unfused = unfused.prefill(prefill_ids) if unfused else None
         p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
+        d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
         d_peer = (
             peer_decode(peer.model, decode_ids, args.decode_tokens, tok.eos_token_id or 0)
             if peer
             else None
         )
-        last = {"ours": d_ours, "transformers": d_peer}
+        last = {"ours": d_ours, "transformers": d_peer, "unfused": d_unfused}
         if rep == 0:
             continue
         # Other guests on the host share the memory bus and come and go: sampling bandwidth in
@@ -586,6 +638,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if p_peer is not None and d_peer is not None:
             samples["transformers_prefill"].append(p_peer)
             samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
+        if p_unfused is not None and d_unfused is not None:
+            samples["unfused_prefill"].append(p_unfused)
+            samples["unfused_decode"].append(d_unfused["wall_tokens_per_s"])
 
     bandwidth["after"] = measure_bandwidth()
     return _results(
@@ -615,15 +670,27 @@ def _results(
     weights = {"ours": engine_weight_bytes(engine_dir, llm.manifest)}
     if peer:
         weights["transformers"] = torch_weight_bytes(peer.model)
+    if samples.get("unfused_decode"):
+        weights["unfused"] = weights["ours"]  # the same fp32 weights, before packing
+    # The host's bandwidth flips between levels: each repetition against the bandwidth sampled
+    # right after it, besides the conservative best-pass bound.
+    run_bw = [
+        best_bandwidth(bandwidth[f"run {i + 1}"]["samples_bytes_per_s"])[1]
+        for i in range(len(samples["ours_decode"]))
+    ]
 
     def med(key: str) -> float | None:
         return summary[key]["median"] if key in summary else None
 
     impl = {}
-    for name in ("ours", "transformers"):
+    for name in ("ours", "unfused", "transformers"):
         if name not in weights:
             continue
         bound = bound_tokens_per_s(bw, weights[name].per_token)
+        per_run = [
+            d / bound_tokens_per_s(b, weights[name].per_token)
+            for d, b in zip(samples.get(f"{name}_decode", []), run_bw, strict=False)
+        ]
         impl[name] = {
             "prefill_tokens_per_s": summary.get(f"{name}_prefill"),
             "decode_tokens_per_s": summary.get(f"{name}_decode"),
@@ -634,9 +701,11 @@ def _results(
                 decode * weights[name].per_token if (decode := med(f"{name}_decode")) else None
             ),
             "decode_fraction_of_bound": ratio(med(f"{name}_decode"), bound),
+            "decode_fraction_of_same_run_bound": summarize(per_run) if per_run else None,
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
+    unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
     return {
         "benchmark": "decode-prefill-vs-transformers",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -652,6 +721,7 @@ def _results(
             "batch": 1,
             "prefill_prompt_tokens": len(prefill_ids),
             "decode_prompt_tokens": len(decode_ids),
+            "unfused": "plain ONNX export, ORT_ENABLE_ALL, Concat KV cache fed back each step",
             "decode_tokens": args.decode_tokens,
             "prompt_source": "pydoc_data.topics, sorted keys",
             "ours_prefill_timing": "stats.prefill_tokens_per_s (engine calls of the prompt)",
@@ -671,11 +741,20 @@ def _results(
         "ratios": {
             "prefill": ratio(med("ours_prefill"), med("transformers_prefill")),
             "decode": ratio(med("ours_decode"), med("transformers_decode")),
+            "unfused_prefill": ratio(med("unfused_prefill"), med("transformers_prefill")),
+            "unfused_decode": ratio(med("unfused_decode"), med("transformers_decode")),
+            "fused_vs_unfused_prefill": ratio(med("ours_prefill"), med("unfused_prefill")),
+            "fused_vs_unfused_decode": ratio(med("ours_decode"), med("unfused_decode")),
         },
         "greedy_agreement": {
             "tokens_compared": args.decode_tokens,
             "common_prefix": (
                 common_prefix_len(last["ours"]["token_ids"], peer_tokens) if peer_tokens else None
+            ),
+            "unfused_common_prefix": (
+                common_prefix_len(unfused_tokens, peer_tokens)
+                if peer_tokens and unfused_tokens
+                else None
             ),
         },
     }
@@ -696,26 +775,33 @@ def render(result: dict[str, Any]) -> str:
         "prefill vs hf",
         "decode vs hf",
         "% of bound",
+        "% of same-run bound",
     ]
-    rows = [
-        [
-            "enginesmith (onnxruntime)",
-            format_cell(ours["prefill_tokens_per_s"], 0),
-            format_cell(ours["decode_tokens_per_s"]),
-            format_ratio(r["prefill"]),
-            format_ratio(r["decode"]),
-            format_percent(ours["decode_fraction_of_bound"]),
-        ]
-    ]
-    if peer:
+    labels = {
+        "ours": "enginesmith (fused)",
+        "unfused": "unfused export (onnxruntime)",
+        "transformers": "transformers (torch)",
+    }
+    rows = []
+    for name, label in labels.items():
+        impl = result["implementations"].get(name)
+        if impl is None:
+            continue
+        same_run = impl.get("decode_fraction_of_same_run_bound")
+        prefill_vs, decode_vs = {
+            "ours": (r["prefill"], r["decode"]),
+            "unfused": (r.get("unfused_prefill"), r.get("unfused_decode")),
+            "transformers": (1.0 if peer else None, 1.0 if peer else None),
+        }[name]
         rows.append(
             [
-                "transformers (torch)",
-                format_cell(peer["prefill_tokens_per_s"], 0),
-                format_cell(peer["decode_tokens_per_s"]),
-                "1.00x",
-                "1.00x",
-                format_percent(peer["decode_fraction_of_bound"]),
+                label,
+                format_cell(impl["prefill_tokens_per_s"], 0),
+                format_cell(impl["decode_tokens_per_s"]),
+                format_ratio(prefill_vs),
+                format_ratio(decode_vs),
+                format_percent(impl["decode_fraction_of_bound"]),
+                format_percent(same_run["median"]) if same_run else "-",
             ]
         )
     step = ours["decode_step_only_tokens_per_s"]
@@ -734,9 +820,20 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"engine decode counting engine steps only (stats.decode_tokens_per_s): {format_cell(step)}",
     ]
+    if r.get("fused_vs_unfused_decode") is not None:
+        lines.append(
+            f"fused vs unfused export: prefill {format_ratio(r['fused_vs_unfused_prefill'])}, "
+            f"decode {format_ratio(r['fused_vs_unfused_decode'])}"
+        )
     if agree is not None:
         lines.append(
             f"greedy tokens identical to transformers: first {agree} of {s['decode_tokens']}"
+        )
+    unfused_agree = result["greedy_agreement"].get("unfused_common_prefix")
+    if unfused_agree is not None:
+        lines.append(
+            f"unfused export's greedy tokens identical to transformers: first {unfused_agree} "
+            f"of {s['decode_tokens']}"
         )
     return "\n".join(lines)
 

@@ -136,27 +136,19 @@ def build_variant(
 ) -> dict[str, Any]:
     """Build (or reuse) the engine; return its manifest and build report."""
     from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.compiler.build import build
     from enginesmith.compiler.config import BuildConfig
+    from enginesmith.runtime.bench import cached_engine
 
-    if rebuild or not (engine_dir / "manifest.json").is_file():
-        log(f"building {variant.model} {variant.label} -> {engine_dir}")
-        start = time.perf_counter()
-        build(
-            BuildConfig(
-                model=source,
-                output=engine_dir,
-                max_batch=batch,
-                max_seq_len=context,
-                force=True,
-                kv_heads=variant.kv_heads,
-                kv_grouping=variant.grouping,
-            ),
-            log=lambda m: log("  " + m),
-        )
-        log(f"  built in {time.perf_counter() - start:.0f} s")
-    else:
-        log(f"reusing {engine_dir}")
+    log(f"{variant.model} {variant.label}: {engine_dir}")
+    config = BuildConfig(
+        model=source,
+        output=engine_dir,
+        max_batch=batch,
+        max_seq_len=context,
+        kv_heads=variant.kv_heads,
+        kv_grouping=variant.grouping,
+    )
+    cached_engine(config, rebuild=rebuild)
     report = json.loads((engine_dir / "build_report.json").read_text())
     return {"manifest": read_manifest(engine_dir, verify_hashes=False), "report": report}
 

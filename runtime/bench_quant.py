@@ -78,37 +78,15 @@ def engine_dir(root: Path, mode: str, block_size: int) -> Path:
 
 
 def ensure_engine(path: Path, mode: str, block_size: int, rebuild: bool) -> Path:
-    """PATH, (re)built from the SmolLM2 preset when missing or when REBUILD."""
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.compiler.build import build
+    """PATH, (re)built from the SmolLM2 preset when missing, stale or when REBUILD."""
     from enginesmith.compiler.config import BuildConfig
-    from enginesmith.compiler.errors import EngineDirError
+    from enginesmith.runtime.bench import cached_engine
 
-    if (path / "manifest.json").is_file() and not rebuild:
-        manifest = read_manifest(path, verify_hashes=False)
-        have = manifest.get("quantization", {}).get("mode", "fp32")
-        have_block = manifest.get("quantization", {}).get("block_size", block_size)
-        if (have, have_block) != (mode, block_size):
-            raise EngineDirError(
-                f"{path} holds a {have} engine (block {have_block}), not {mode} (block "
-                f"{block_size}): pass --rebuild to rebuild it"
-            )
-        return path
-    if path.exists() and not (path / "manifest.json").is_file():
-        raise EngineDirError(f"{path} exists but has no manifest.json: remove it or --rebuild")
-    log(f"building the {mode} engine into {path} (about a minute)")
-    quantize = None if mode == "fp32" else mode
-    build(
-        BuildConfig(
-            model=DEFAULT_MODEL,
-            output=path,
-            quantize=quantize,
-            block_size=block_size,
-            force=rebuild,
-        ),
-        log=log,
-    )
-    return path
+    if mode == "fp32":  # the engine `enginesmith bench` uses: its settings exactly
+        config = BuildConfig(model=DEFAULT_MODEL, output=path)
+    else:
+        config = BuildConfig(model=DEFAULT_MODEL, output=path, quantize=mode, block_size=block_size)
+    return cached_engine(config, rebuild=rebuild)
 
 
 @dataclass

@@ -151,31 +151,18 @@ def default_engine_dir() -> Path:
     return cache_dir() / "engines" / DEFAULT_ENGINE_NAME
 
 
-def ensure_engine(engine_dir: Path, max_batch: int) -> Path:
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.compiler.errors import EngineDirError
-
-    try:
-        read_manifest(engine_dir, verify_hashes=False)
-        return engine_dir
-    except EngineDirError:
-        pass
-    from enginesmith.compiler.build import build
+def ensure_engine(engine_dir: Path, max_batch: int, check_stale: bool = True) -> Path:
     from enginesmith.compiler.config import BuildConfig
+    from enginesmith.runtime.bench import cached_engine
 
-    log(f"building {engine_dir} (smollm2-135m, --max-batch {max_batch}, --max-seq-len 1024)")
-    build(
-        BuildConfig(
-            model="smollm2-135m",
-            output=engine_dir,
-            max_batch=max_batch,
-            max_seq_len=1024,
-            max_num_tokens=256,
-            force=True,
-        ),
-        log=log,
+    config = BuildConfig(
+        model="smollm2-135m",
+        output=engine_dir,
+        max_batch=max_batch,
+        max_seq_len=1024,
+        max_num_tokens=256,
     )
-    return engine_dir
+    return cached_engine(config, check_stale=check_stale)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,7 +227,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from enginesmith import LLM, SamplingParams
 
-    engine = ensure_engine(args.engine or default_engine_dir(), args.max_batch)
+    engine = ensure_engine(
+        args.engine or default_engine_dir(), args.max_batch, check_stale=args.engine is None
+    )
     llm = LLM(engine)  # synchronous policies: spinning ORT workers are fastest
     # The asyncio server shares the CPU with its event-loop thread (see LLM's spin_wait).
     async_llm = LLM(engine, spin_wait=args.inflight_spin) if "inflight" in args.policies else llm

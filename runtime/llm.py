@@ -21,7 +21,7 @@ from enginesmith.runtime.engine_core import (
     StepEvent,
 )
 from enginesmith.runtime.sampling import SamplingParams
-from enginesmith.runtime.session import EngineSession
+from enginesmith.runtime.sessions import SESSION_BACKENDS, open_session
 
 # Per-step token budget when the manifest does not set one (older engines).
 DEFAULT_MAX_NUM_TOKENS = 512
@@ -75,7 +75,7 @@ class LLM:
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
-        if self.manifest.get("backend") != "onnxruntime":
+        if self.manifest.get("backend") not in SESSION_BACKENDS:
             raise BackendUnavailableError(
                 f"{self.engine_dir}: backend {self.manifest.get('backend')!r} is not supported by "
                 "this runtime; rebuild with --backend onnxruntime"
@@ -87,7 +87,8 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
-        self.session = EngineSession(
+        # ONNX Runtime on CPU (EngineSession) or CUDA, or TensorRT: one step() interface.
+        self.session: Any = open_session(
             self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
         )
         self.session.warmup()

@@ -64,6 +64,31 @@ def hf_models():  # type: ignore[no-untyped-def]
     return load
 
 
+@pytest.fixture(scope="session")
+def fresh_export(hf_models):  # type: ignore[no-untyped-def]
+    """fresh_export(preset, opset=23, attn_implementation="sdpa") -> a private copy of the
+    preset's ONNX export (exported once per session; passes rewrite their copy in place)."""
+    import onnx_ir as ir
+
+    from enginesmith.compiler import export
+
+    cache: dict[tuple[str, int, str], export.ExportResult] = {}
+
+    def get(
+        preset: str, opset: int = export.EXPORT_OPSET, attn_implementation: str = "sdpa"
+    ) -> export.ExportResult:
+        key = (preset, opset, attn_implementation)
+        if key not in cache:
+            cache[key] = export.export_model(
+                hf_models(preset).model, opset=opset, attn_implementation=attn_implementation
+            )
+        result = cache[key]
+        copy = ir.serde.deserialize_model(ir.serde.serialize_model(result.model))
+        return export.ExportResult(copy, result.dims, result.seconds, result.weight_bytes)
+
+    return get
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _threads() -> None:
     os.environ.setdefault("ENGINESMITH_THREADS", "2")

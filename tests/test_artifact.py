@@ -74,8 +74,10 @@ def test_manifest_header(manifest: dict) -> None:
     assert manifest["source"]["kind"] == "preset"
     assert manifest["max_batch"] == defaults.max_batch
     assert manifest["max_seq_len"] == defaults.max_seq_len
-    assert manifest["passes"][0] == "fuse-attention"
-    assert len(manifest["passes"]) == len(set(manifest["passes"])) >= 2
+    assert manifest["passes"][:2] == ["canonicalize", "fuse-attention"]
+    assert "lower-flash-attention-ort" in manifest["passes"]
+    assert manifest["compiler_fingerprint"] == artifact.compiler_fingerprint()
+    assert manifest["build_config"]["max_batch"] == defaults.max_batch
     roles = manifest["files_by_role"]
     assert set(roles) == {"model", "weights", "tokenizer"}
     assert roles["model"] in manifest["files"]
@@ -129,8 +131,10 @@ def test_build_report(engine: Path, manifest: dict) -> None:
     assert [p["name"] for p in report["passes"]] == manifest["passes"]
     for p in report["passes"]:
         assert isinstance(p["seconds"], float) and 0 <= p["seconds"] < 60, p
-    fuse = report["passes"][0]
+    fuse = next(p for p in report["passes"] if p["name"] == "fuse-attention")
     assert fuse["fused"] == manifest["model"]["num_layers"] and fuse["failures"] == {}
+    fusion = report["fusion"]["attention -> FlashAttention"]
+    assert fusion["count"] == fusion["expected"] == manifest["model"]["num_layers"]
     verify = report["verify"]
     assert verify["tokens"] > 8
     assert 0 <= verify["max_abs_diff"] < 1e-3

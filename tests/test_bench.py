@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -222,9 +223,17 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "weights": weights,
             "bound_tokens_per_s": 143.0,
             "decode_fraction_of_bound": 68.0 / 143.0,
+            "decode_fraction_of_same_run_bound": bench.summarize([0.6, 0.7, 0.8]),
         }
     }
     if with_peer:
+        impl["unfused"] = {
+            "prefill_tokens_per_s": bench.summarize([500.0]),
+            "decode_tokens_per_s": bench.summarize([50.0]),
+            "weights": weights,
+            "bound_tokens_per_s": 143.0,
+            "decode_fraction_of_bound": 50.0 / 143.0,
+        }
         impl["transformers"] = {
             "prefill_tokens_per_s": bench.summarize([400.0]),
             "decode_tokens_per_s": bench.summarize([32.0]),
@@ -237,7 +246,7 @@ def _result(with_peer: bool) -> dict[str, Any]:
         "settings": {
             "runs": 3,
             "prefill_prompt_tokens": 512,
-            "decode_prompt_tokens": 32,
+            "decode_prompt_tokens": 512,
             "decode_tokens": 256,
         },
         "bandwidth": {
@@ -246,8 +255,18 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "best_bytes_per_s_by_phase": {"before": 49e9, "run 1": 77e9},
         },
         "implementations": impl,
-        "ratios": {"prefill": 2.5 if with_peer else None, "decode": 2.125 if with_peer else None},
-        "greedy_agreement": {"common_prefix": 200 if with_peer else None},
+        "ratios": {
+            "prefill": 2.5 if with_peer else None,
+            "decode": 2.125 if with_peer else None,
+            "unfused_prefill": 1.25 if with_peer else None,
+            "unfused_decode": 50 / 32 if with_peer else None,
+            "fused_vs_unfused_prefill": 2.0 if with_peer else None,
+            "fused_vs_unfused_decode": 1.36 if with_peer else None,
+        },
+        "greedy_agreement": {
+            "common_prefix": 200 if with_peer else None,
+            "unfused_common_prefix": 256 if with_peer else None,
+        },
     }
 
 
@@ -260,15 +279,19 @@ def test_render_with_transformers() -> None:
     assert "1000 [900-1100]" in ours_row
     assert "68.0 [67.0-69.0]" in ours_row
     assert "2.50x" in ours_row and "2.12x" in ours_row and "47.6%" in ours_row
+    assert ours_row.split()[-1] == "70.0%"  # median of the same-run fractions
+    unfused_row = next(line for line in out.splitlines() if line.startswith("unfused"))
+    assert "1.25x" in unfused_row and "1.56x" in unfused_row and unfused_row.split()[-1] == "-"
+    assert "fused vs unfused export: prefill 2.00x, decode 1.36x" in out
     assert any(line.startswith("transformers") for line in out.splitlines())
-    assert "first 200 of 256" in out
+    assert "first 200 of 256" in out and "unfused export's greedy tokens" in out
 
 
 def test_render_without_transformers() -> None:
     out = bench.render(_result(with_peer=False))
     assert not any(line.startswith("transformers") for line in out.splitlines())
     ours_row = next(line for line in out.splitlines() if line.startswith("enginesmith"))
-    assert ours_row.split()[-3:] == ["-", "-", "47.6%"]
+    assert ours_row.split()[-4:] == ["-", "-", "47.6%", "70.0%"]
     assert "identical to transformers" not in out
 
 
@@ -287,6 +310,9 @@ def test_help_explains_every_flag(capsys: pytest.CaptureFixture[str]) -> None:
         "--decode-tokens",
         "--json",
         "--skip-transformers",
+        "--decode-prompt-tokens",
+        "--skip-unfused",
+        "--unfused-dir",
     ):
         assert flag in out
 
@@ -295,6 +321,25 @@ def test_defaults() -> None:
     args = bench.build_parser().parse_args([])
     assert (args.runs, args.prefill_tokens, args.decode_tokens) == (3, 512, 256)
     assert args.engine is None and args.json is None and not args.skip_transformers
+    assert args.decode_prompt_tokens == 512 and not args.skip_unfused
+
+
+def test_unfused_baseline_decodes_like_the_engine(tiny_engine, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The benchmark's unfused baseline (plain export, Concat cache) greedily decodes the same
+    tokens as the fused engine: the two rows of the table compute the same thing."""
+    from enginesmith.runtime.llm import LLM
+    from enginesmith.runtime.sampling import SamplingParams
+    from enginesmith.runtime.unfused_baseline import UnfusedRunner, ensure_unfused_export
+
+    path = ensure_unfused_export("tiny-llama", tmp_path / "unfused", log=lambda _m: None)
+    assert ensure_unfused_export("tiny-llama", tmp_path / "unfused") == path  # cached
+    runner = UnfusedRunner(path)
+    llm = LLM(tiny_engine("tiny-llama"))
+    ids = llm.tokenizer("def fibonacci(n):").input_ids
+    (ours,) = llm.generate("def fibonacci(n):", SamplingParams(max_tokens=12, ignore_eos=True))
+    result = runner.decode(ids, 12)
+    assert result["token_ids"] == list(ours.token_ids)
+    assert result["wall_tokens_per_s"] > 0 and runner.prefill(ids) > 0
 
 
 @pytest.mark.parametrize(
@@ -323,3 +368,29 @@ def test_token_clock_timestamps_each_put() -> None:
     clock.end()
     assert len(clock.times) == 3
     assert clock.times == sorted(clock.times)
+
+
+def test_cached_engine_rebuilds_only_stale_engines(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached benchmark engine is reused as long as the compiler code and the build settings
+    that made it are unchanged; otherwise it is rebuilt, so a benchmark never measures an old
+    compiler's engine."""
+    from enginesmith.compiler import artifact
+    from enginesmith.compiler.config import BuildConfig
+
+    config = BuildConfig(model="tiny-llama", output=tmp_path / "engine", verify=False)
+    path = bench.cached_engine(config)
+    built = (path / "manifest.json").stat().st_mtime_ns
+    assert bench.cached_engine(config) == path
+    assert (path / "manifest.json").stat().st_mtime_ns == built  # reused
+
+    bench.cached_engine(dataclasses.replace(config, max_batch=2))  # other settings: rebuilt
+    rebuilt = (path / "manifest.json").stat().st_mtime_ns
+    assert rebuilt != built
+
+    monkeypatch.setattr(artifact, "compiler_fingerprint", lambda: "other-compiler")
+    assert bench.cached_engine(dataclasses.replace(config, max_batch=2), check_stale=False) == path
+    assert (path / "manifest.json").stat().st_mtime_ns == rebuilt  # not checked: reused
+    bench.cached_engine(dataclasses.replace(config, max_batch=2))
+    assert (path / "manifest.json").stat().st_mtime_ns != rebuilt

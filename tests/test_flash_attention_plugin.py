@@ -16,24 +16,35 @@ from enginesmith.plugins.flash_attention.reference import flash_attention_refere
 ATOL = 1e-5
 
 
-def plugin_model(attrs: schema.FlashAttentionAttrs) -> ir.Model:
+def plugin_model(attrs: schema.FlashAttentionAttrs, packed: bool = False) -> ir.Model:
     """A one-node graph: FlashAttention lowered for ORT, caches as inputs/outputs."""
     f32, i32 = ir.TensorType(ir.DataType.FLOAT), ir.TensorType(ir.DataType.INT32)
     n, nkv, h = attrs.num_heads, attrs.kv_num_heads, attrs.head_dim
-    inputs = [
-        ir.Value(name="query", type=f32, shape=ir.Shape(["B", "S", n * h])),
-        ir.Value(name="key", type=f32, shape=ir.Shape(["B", "S", nkv * h])),
-        ir.Value(name="value", type=f32, shape=ir.Shape(["B", "S", nkv * h])),
+    width = attrs.packed_width if packed else n * h
+    node_inputs: list[ir.Value | None] = [
+        ir.Value(name="query", type=f32, shape=ir.Shape(["B", "S", width])),
+        None if packed else ir.Value(name="key", type=f32, shape=ir.Shape(["B", "S", nkv * h])),
+        None if packed else ir.Value(name="value", type=f32, shape=ir.Shape(["B", "S", nkv * h])),
         ir.Value(name="cache_key", type=f32, shape=ir.Shape(["B", nkv, "MAX", h])),
         ir.Value(name="cache_value", type=f32, shape=ir.Shape(["B", nkv, "MAX", h])),
         ir.Value(name="seqlens_k", type=i32, shape=ir.Shape(["B"])),
         ir.Value(name="query_seqlens", type=i32, shape=ir.Shape(["B"])),
     ]
+    if attrs.rotary:
+        node_inputs += [
+            ir.Value(name="cos_cache", type=f32, shape=ir.Shape(["MAX", h // 2])),
+            ir.Value(name="sin_cache", type=f32, shape=ir.Shape(["MAX", h // 2])),
+        ]
     node = ir.node(
-        schema.OP_TYPE, inputs, attrs.as_node_attributes(), domain=schema.DOMAIN, num_outputs=3
+        schema.OP_TYPE,
+        node_inputs,
+        attrs.as_node_attributes(),
+        domain=schema.DOMAIN,
+        num_outputs=3,
     )
     for out, name in zip(node.outputs, schema.OUTPUTS, strict=True):
         out.name, out.type = name, f32
+    inputs = [v for v in node_inputs if v is not None]
     graph = ir.Graph(
         inputs, list(node.outputs), nodes=[node], opset_imports={"": 23, schema.DOMAIN: 1}
     )
@@ -42,20 +53,21 @@ def plugin_model(attrs: schema.FlashAttentionAttrs) -> ir.Model:
     return model
 
 
-def run_both(attrs, q, k, v, ck, cv, seqlens_k, query_seqlens):  # type: ignore[no-untyped-def]
-    proto = ir.serde.serialize_model(plugin_model(attrs))
+def run_both(  # type: ignore[no-untyped-def]
+    attrs, q, k, v, ck, cv, seqlens_k, query_seqlens, packed=False, cos=None, sin=None
+):
+    proto = ir.serde.serialize_model(plugin_model(attrs, packed))
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = dict(
-        query=q,
-        key=k,
-        value=v,
-        cache_key=ck,
-        cache_value=cv,
-        seqlens_k=seqlens_k,
-        query_seqlens=query_seqlens,
-    )
+    feeds = dict(cache_key=ck, cache_value=cv, seqlens_k=seqlens_k, query_seqlens=query_seqlens)
+    if packed:
+        q, k, v = np.concatenate([q, k, v], axis=-1), None, None
+        feeds.update(query=q)
+    else:
+        feeds.update(query=q, key=k, value=v)
+    if attrs.rotary:
+        feeds.update(cos_cache=cos, sin_cache=sin)
     got = session.run(None, feeds)
-    ref = flash_attention_reference(attrs, q, k, v, ck, cv, seqlens_k, query_seqlens)
+    ref = flash_attention_reference(attrs, q, k, v, ck, cv, seqlens_k, query_seqlens, cos, sin)
     return got, ref
 
 
@@ -93,6 +105,63 @@ def test_mixed_rows_match_reference(heads: tuple[int, int], window: int) -> None
         np.testing.assert_allclose(
             ov[b, :, :total], ref_v[b, :, :total], atol=0, err_msg=f"row {b}"
         )
+
+
+def rope_tables(max_len: int, head_dim: int, base: float = 10000.0):  # type: ignore[no-untyped-def]
+    inv_freq = 1.0 / base ** (np.arange(0, head_dim, 2) / head_dim)
+    angles = np.arange(max_len)[:, None] * inv_freq[None]
+    return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["separate", "packed"])
+@pytest.mark.parametrize("interleaved", [0, 1])
+@pytest.mark.parametrize("heads", [(4, 2), (4, 4)], ids=["gqa", "mha"])
+def test_rotary_and_packed_match_reference(
+    heads: tuple[int, int], interleaved: int, packed: bool
+) -> None:
+    """Fused rotary rotates each valid row at its cache position P + s (rows at different
+    lengths, right padding, an idle row), packed QKV splits like separate inputs."""
+    rng = np.random.default_rng(2)
+    attrs = schema.FlashAttentionAttrs(
+        heads[0], heads[1], 16, scale=0.25, rotary=1, rotary_interleaved=interleaved
+    )
+    seqlens_k = np.array([3, 9, 8, 5], np.int32)
+    query_seqlens = np.array([4, 1, 3, 0], np.int32)
+    q, k, v, ck, cv = random_case(rng, attrs, batch=4, seq=4, max_len=32)
+    cos, sin = rope_tables(32, 16)
+    (out, ok, _), (ref_out, ref_k, _) = run_both(
+        attrs, q, k, v, ck, cv, seqlens_k, query_seqlens, packed, cos, sin
+    )
+    for b, (total, valid) in enumerate(zip(seqlens_k + 1, query_seqlens, strict=True)):
+        np.testing.assert_allclose(
+            out[b, :valid], ref_out[b, :valid], atol=ATOL, err_msg=f"row {b}"
+        )
+        np.testing.assert_allclose(
+            ok[b, :, :total], ref_k[b, :, :total], atol=ATOL, err_msg=f"row {b}"
+        )
+
+
+def test_reference_rotary_is_hf_rotary() -> None:
+    """The reference's rotate-half rotary equals transformers' apply_rotary_pos_emb."""
+    torch = pytest.importorskip("torch")
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from enginesmith.plugins.flash_attention.reference import rotate
+
+    rng = np.random.default_rng(3)
+    cos, sin = rope_tables(8, 16)
+    x = rng.standard_normal((2, 5, 16)).astype(np.float32)  # [heads, positions, head_dim]
+    pos = np.array([0, 3, 4, 6, 7])
+    full_cos = np.concatenate([cos[pos], cos[pos]], -1)[None]  # HF duplicates the halves
+    full_sin = np.concatenate([sin[pos], sin[pos]], -1)[None]
+    hf_q, _ = apply_rotary_pos_emb(
+        torch.from_numpy(x)[None],
+        torch.from_numpy(x)[None],
+        torch.from_numpy(full_cos),
+        torch.from_numpy(full_sin),
+    )
+    ours = np.stack([rotate(x[:, i], cos[p], sin[p], False) for i, p in enumerate(pos)], 1)
+    np.testing.assert_allclose(ours, hf_q[0].numpy(), atol=1e-6)
 
 
 def test_idle_row_cache_untouched_and_rollback() -> None:

@@ -3,7 +3,10 @@
 GQA with `query_seqlens` (input 16, ORT >= 1.32) has exactly the plugin's contract: per-row
 lengths, right-padded chunks, idle rows, in-place caches when past and present are bound to the
 same buffer. Measured on CPU it is the only ORT kernel whose cost follows each row's real length
-rather than the buffer capacity (docs/kv-cache-layout.md).
+rather than the buffer capacity (docs/kv-cache-layout.md). Packed QKV and rotary map 1:1 onto
+GQA's packed query and do_rotary (cos_cache / sin_cache inputs 7, 8): GQA rotates each row at
+P + s computed from seqlens_k and query_seqlens, the plugin's rotary position (checked against
+the reference in tests/test_flash_attention_plugin.py).
 """
 
 from __future__ import annotations
@@ -28,7 +31,10 @@ class LowerFlashAttentionToORT(EnginePass):
         nodes = [n for n in graph if n.domain == schema.DOMAIN and n.op_type == schema.OP_TYPE]
         total_len: ir.Value | None = None
         for node in nodes:
-            query, key, value, cache_k, cache_v, seqlens_k, query_seqlens = node.inputs
+            query, key, value, cache_k, cache_v, seqlens_k, query_seqlens = node.inputs[
+                : schema.REQUIRED_INPUTS
+            ]
+            rotary_inputs = list(node.inputs[schema.COS_CACHE : schema.SIN_CACHE + 1])
             attrs = schema.FlashAttentionAttrs.from_node_attributes(
                 {k: a.value for k, a in node.attributes.items()}
             )
@@ -56,6 +62,7 @@ class LowerFlashAttentionToORT(EnginePass):
                 cache_v,
                 seqlens_k,
                 total_len,
+                *(rotary_inputs if attrs.rotary else []),
             ]
             gqa_inputs += [None] * (_QUERY_SEQLENS_INPUT - len(gqa_inputs)) + [query_seqlens]
             gqa = ir.node(
@@ -66,7 +73,8 @@ class LowerFlashAttentionToORT(EnginePass):
                     "kv_num_heads": attrs.kv_num_heads,
                     "scale": attrs.scale,
                     "local_window_size": attrs.local_window_size,
-                    "do_rotary": 0,
+                    "do_rotary": attrs.rotary,
+                    "rotary_interleaved": attrs.rotary_interleaved,
                 },
                 domain=ORT_DOMAIN,
                 num_outputs=3,

@@ -1,0 +1,79 @@
+"""Pick the engine session for an engine directory's backend (all share `step` / `warmup`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from enginesmith.compiler.errors import BackendUnavailableError
+
+SESSION_BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
+
+
+def open_session(
+    engine_dir: Path, manifest: dict[str, Any], threads: int | None = None, spin_wait: bool = True
+) -> Any:
+    """The session for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT."""
+    backend = manifest.get("backend")
+    if backend == "onnxruntime":
+        from enginesmith.runtime.session import EngineSession
+
+        return EngineSession(engine_dir, manifest, threads=threads, spin_wait=spin_wait)
+    if backend == "onnxruntime-gpu":
+        from enginesmith.runtime.ort_cuda_session import OrtCudaSession
+
+        return OrtCudaSession(engine_dir, manifest)
+    if backend == "tensorrt":
+        from enginesmith.runtime.trt_session import TensorRTSession
+
+        return TensorRTSession(engine_dir, manifest)
+    raise BackendUnavailableError(
+        f"{engine_dir}: backend {backend!r} is not supported by this runtime; rebuild with "
+        f"--backend one of {', '.join(SESSION_BACKENDS)}"
+    )
+
+
+def step_in_chunks(
+    step: Any,
+    max_tokens: int,
+    start: int,
+    input_ids: np.ndarray,  # [n, S], S > max_tokens
+    position_ids: np.ndarray,
+    seqlens_k: np.ndarray,
+    query_seqlens: np.ndarray,
+    logits_indices: np.ndarray,
+) -> np.ndarray:
+    """Run a step wider than the engine's max step tokens as consecutive narrower steps.
+
+    GPU engines have a fixed largest step (their scratch tail and optimization profile); callers
+    like quality.engine_logits prefill longer chunks. Chunk c covers new tokens [c0, c1) of every
+    row; a row with Q valid tokens has min(max(Q - c0, 0), c1 - c0) of them in it, cached on top
+    of the P + c0 tokens before, and is idle in chunks past its Q.
+    """
+    seq = input_ids.shape[1]
+    valid = np.asarray(query_seqlens, np.int64)
+    past = np.where(valid > 0, np.asarray(seqlens_k, np.int64) + 1 - valid, 0)
+    out = np.empty((len(logits_indices), 0), np.float32)
+    pieces: dict[int, np.ndarray] = {}
+    wanted = np.asarray(logits_indices, np.int64)
+    for c0 in range(0, seq, max_tokens):
+        c1 = min(seq, c0 + max_tokens)
+        in_chunk = np.clip(valid - c0, 0, c1 - c0)
+        chunk_seqk = np.where(in_chunk > 0, past + c0 + in_chunk - 1, 0).astype(np.int32)
+        picks = [i for i, flat in enumerate(wanted) if c0 <= flat % seq < c1]
+        local = np.array([(wanted[i] // seq) * (c1 - c0) + wanted[i] % seq - c0 for i in picks])
+        logits = step(
+            start,
+            input_ids[:, c0:c1],
+            position_ids[:, c0:c1],
+            chunk_seqk,
+            in_chunk.astype(np.int32),
+            local if picks else np.zeros(1, np.int64),
+        )
+        for i, row in zip(picks, logits, strict=False):
+            pieces[i] = row
+    if pieces:
+        out = np.stack([pieces[i] for i in range(len(wanted))])
+    return out
