@@ -9,7 +9,9 @@ One run measures, on the same machine and the same token ids:
 * the memory-bandwidth bound of decode: read-only bandwidth measured here, divided by the
   weight bytes one decoded token has to read;
 * the same prefill and decode on the model's *unfused* export (runtime/unfused_baseline.py):
-  what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights.
+  what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights;
+* the MatMul floor (runtime/matmul_floor.py): the engine's weight MatMuls alone, chained, on
+  the same kernels: the fastest decode these kernels allow.
 
 Every measurement is repeated --runs times after one warm-up, ours, unfused and transformers'
 interleaved in each repetition so that machine noise hits all of them. The table goes to stdout, the
@@ -594,6 +596,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         default_dir = cache_dir() / "engines" / f"{Path(str(source)).name}-unfused"
         unfused = UnfusedRunner(ensure_unfused_export(source, args.unfused_dir or default_dir, log))
 
+    from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
+
+    floor_shapes = weight_matmul_shapes(engine_dir / llm.manifest["files_by_role"]["model"])
+    floor = MatMulFloor(floor_shapes) if floor_shapes else None
+
     peer = None
     if not args.skip_transformers:
         from enginesmith.compiler.sources import load_model
@@ -610,6 +617,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "transformers_decode": [],
         "unfused_prefill": [],
         "unfused_decode": [],
+        "matmul_floor_decode": [],
     }
     last: dict[str, Any] = {}
     for rep in range(args.runs + 1):
@@ -621,6 +629,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
         d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
+        d_floor = floor.tokens_per_s() if floor else None
         d_peer = (
             peer_decode(peer.model, decode_ids, args.decode_tokens, tok.eos_token_id or 0)
             if peer
@@ -638,6 +647,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if p_peer is not None and d_peer is not None:
             samples["transformers_prefill"].append(p_peer)
             samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
+        if d_floor is not None:
+            samples["matmul_floor_decode"].append(d_floor)
         if p_unfused is not None and d_unfused is not None:
             samples["unfused_prefill"].append(p_unfused)
             samples["unfused_decode"].append(d_unfused["wall_tokens_per_s"])
@@ -672,6 +683,8 @@ def _results(
         weights["transformers"] = torch_weight_bytes(peer.model)
     if samples.get("unfused_decode"):
         weights["unfused"] = weights["ours"]  # the same fp32 weights, before packing
+    if samples.get("matmul_floor_decode"):
+        weights["matmul_floor"] = weights["ours"]  # the same shapes (random values)
     # The host's bandwidth flips between levels: each repetition against the bandwidth sampled
     # right after it, besides the conservative best-pass bound.
     run_bw = [
@@ -683,7 +696,7 @@ def _results(
         return summary[key]["median"] if key in summary else None
 
     impl = {}
-    for name in ("ours", "unfused", "transformers"):
+    for name in ("ours", "unfused", "matmul_floor", "transformers"):
         if name not in weights:
             continue
         bound = bound_tokens_per_s(bw, weights[name].per_token)
@@ -722,6 +735,7 @@ def _results(
             "prefill_prompt_tokens": len(prefill_ids),
             "decode_prompt_tokens": len(decode_ids),
             "unfused": "plain ONNX export, ORT_ENABLE_ALL, Concat KV cache fed back each step",
+            "matmul_floor": "the engine's weight MatMul shapes alone, chained; median of 64 steps",
             "decode_tokens": args.decode_tokens,
             "prompt_source": "pydoc_data.topics, sorted keys",
             "ours_prefill_timing": "stats.prefill_tokens_per_s (engine calls of the prompt)",
@@ -745,6 +759,7 @@ def _results(
             "unfused_decode": ratio(med("unfused_decode"), med("transformers_decode")),
             "fused_vs_unfused_prefill": ratio(med("ours_prefill"), med("unfused_prefill")),
             "fused_vs_unfused_decode": ratio(med("ours_decode"), med("unfused_decode")),
+            "fused_vs_matmul_floor_decode": ratio(med("ours_decode"), med("matmul_floor_decode")),
         },
         "greedy_agreement": {
             "tokens_compared": args.decode_tokens,
@@ -780,6 +795,7 @@ def render(result: dict[str, Any]) -> str:
     labels = {
         "ours": "enginesmith (fused)",
         "unfused": "unfused export (onnxruntime)",
+        "matmul_floor": "MatMul floor (weights only)",
         "transformers": "transformers (torch)",
     }
     rows = []
@@ -791,6 +807,7 @@ def render(result: dict[str, Any]) -> str:
         prefill_vs, decode_vs = {
             "ours": (r["prefill"], r["decode"]),
             "unfused": (r.get("unfused_prefill"), r.get("unfused_decode")),
+            "matmul_floor": (None, None),
             "transformers": (1.0 if peer else None, 1.0 if peer else None),
         }[name]
         rows.append(
@@ -820,6 +837,11 @@ def render(result: dict[str, Any]) -> str:
         "",
         f"engine decode counting engine steps only (stats.decode_tokens_per_s): {format_cell(step)}",
     ]
+    if r.get("fused_vs_matmul_floor_decode") is not None:
+        lines.append(
+            "fused decode vs the MatMul floor (its own weight MatMuls, nothing else): "
+            f"{format_percent(r['fused_vs_matmul_floor_decode'])}"
+        )
     if r.get("fused_vs_unfused_decode") is not None:
         lines.append(
             f"fused vs unfused export: prefill {format_ratio(r['fused_vs_unfused_prefill'])}, "

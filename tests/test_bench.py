@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 from typing import Any
 
@@ -394,3 +395,19 @@ def test_cached_engine_rebuilds_only_stale_engines(
     assert (path / "manifest.json").stat().st_mtime_ns == rebuilt  # not checked: reused
     bench.cached_engine(dataclasses.replace(config, max_batch=2))
     assert (path / "manifest.json").stat().st_mtime_ns != rebuilt
+
+
+def test_matmul_floor_uses_the_engines_weight_shapes(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    """The floor chains exactly the engine's weight MatMuls: 4 per layer after packing + the
+    LM head, with the engine's shapes and bytes."""
+    from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
+
+    engine = tiny_engine("tiny-llama")
+    shapes = weight_matmul_shapes(engine / "model.onnx")
+    manifest = json.loads((engine / "manifest.json").read_text())
+    hidden, vocab = manifest["model"]["hidden_size"], manifest["model"]["vocab_size"]
+    assert len(shapes) == 4 * manifest["model"]["num_layers"] + 1
+    assert shapes[-1] == (hidden, vocab)  # the tied LM head (Gemm transB) as [K, N]
+    floor = MatMulFloor(shapes)
+    assert floor.weight_bytes == sum(4 * k * n for k, n in shapes)
+    assert floor.tokens_per_s(steps=4) > 0
