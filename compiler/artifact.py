@@ -38,6 +38,19 @@ def compiler_fingerprint() -> str:
     return digest.hexdigest()[:16]
 
 
+def stale_reason(engine_dir: Path, config: Any) -> str | None:
+    """Why the engine at ENGINE_DIR is not what CONFIG (a BuildConfig) would build now, or None
+    when it is: missing, built by other compiler code, or built with other settings."""
+    if not (engine_dir / "manifest.json").is_file():
+        return "no engine there yet"
+    manifest = read_manifest(engine_dir, verify_hashes=False)
+    if manifest.get("compiler_fingerprint") != compiler_fingerprint():
+        return "it was built by other compiler code"
+    if manifest.get("build_config") != config.fingerprint_fields():
+        return "it was built with other settings"
+    return None
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -161,6 +162,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--force", action="store_true", help="overwrite ENGINE_DIR if it exists")
     parser.add_argument(
+        "--if-stale",
+        action="store_true",
+        help="build only when ENGINE_DIR does not already hold the engine this compiler builds "
+        "with these settings (checked through its manifest), overwriting a stale one; for "
+        "scripts that must not rebuild a current engine",
+    )
+    parser.add_argument(
         "--no-verify",
         action="store_true",
         help="skip the final check of the engine's logits against transformers",
@@ -199,6 +207,17 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             trt_hardware_compat=args.trt_hardware_compat,
             trt_version_compatible=args.trt_version_compatible,
         )
+        if args.if_stale:
+            from enginesmith.compiler.artifact import stale_reason
+
+            reason = stale_reason(config.output.expanduser(), config)
+            if reason is None:
+                log(f"{config.output} is up to date (this compiler, these settings): not rebuilt")
+                if args.quiet:
+                    print(args.output)
+                return 0
+            log(f"building {config.output}: {reason}")
+            config = dataclasses.replace(config, force=True)
         build(config, log=log)
     except EnginesmithError as exc:
         print(f"build-engine: error: {exc}", file=sys.stderr)

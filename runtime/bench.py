@@ -399,23 +399,18 @@ def cached_engine(config: Any, rebuild: bool = False, check_stale: bool = True) 
     engines must measure what the current compiler builds."""
     import dataclasses
 
-    from enginesmith.compiler.artifact import compiler_fingerprint, read_manifest
+    from enginesmith.compiler.artifact import stale_reason
     from enginesmith.compiler.errors import EngineDirError
 
     path = config.output.expanduser()
-    reason = "--rebuild" if rebuild else None
-    if reason is None and not (path / "manifest.json").is_file():
-        if path.exists():
-            raise EngineDirError(
-                f"{path} exists but has no manifest.json: remove it or pass another"
-            )
-        reason = "no engine there yet"
-    if reason is None and check_stale:
-        manifest = read_manifest(path, verify_hashes=False)
-        if manifest.get("compiler_fingerprint") != compiler_fingerprint():
-            reason = "it was built by other compiler code"
-        elif manifest.get("build_config") != config.fingerprint_fields():
-            reason = "it was built with other settings"
+    if path.exists() and not (path / "manifest.json").is_file():
+        raise EngineDirError(f"{path} exists but has no manifest.json: remove it or pass another")
+    if rebuild:
+        reason: str | None = "--rebuild"
+    elif check_stale:
+        reason = stale_reason(path, config)
+    else:
+        reason = None if (path / "manifest.json").is_file() else "no engine there yet"
     if reason is None:
         return path
     from enginesmith.compiler.build import build

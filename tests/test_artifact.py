@@ -188,3 +188,22 @@ def test_cli_inspect_json(engine: Path, manifest: dict) -> None:
     data = json.loads(proc.stdout)
     assert data["manifest"] == manifest
     assert data["build_report"] == json.loads((engine / "build_report.json").read_text())
+
+
+def test_build_engine_if_stale_skips_a_current_engine(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`build-engine --if-stale` (what scripts/demo runs) leaves an engine this compiler built
+    with the same settings alone, and rebuilds one built with other settings."""
+    from enginesmith.compiler.cli import build_engine_main
+
+    out = tmp_path / "engine"
+    args = ["tiny-llama", "-o", str(out), "--no-verify", "--if-stale"]
+    assert build_engine_main(args) == 0
+    built = (out / "manifest.json").stat().st_mtime_ns
+    assert build_engine_main(args) == 0
+    assert "up to date" in capsys.readouterr().out
+    assert (out / "manifest.json").stat().st_mtime_ns == built
+    assert build_engine_main([*args, "--max-batch", "2"]) == 0
+    assert "built with other settings" in capsys.readouterr().out
+    assert artifact.read_manifest(out)["max_batch"] == 2
