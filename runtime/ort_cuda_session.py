@@ -16,7 +16,12 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.errors import BackendUnavailableError
-from enginesmith.runtime.sessions import step_in_chunks
+from enginesmith.runtime.sessions import (
+    bind_step_inputs,
+    check_slot_range,
+    step_in_chunks,
+    warmup_idle_steps,
+)
 
 _ORT_TYPES = {"float16": np.float16}  # numpy has no bfloat16: bind those by ONNX type number
 _ONNX_BFLOAT16 = 16
@@ -75,13 +80,29 @@ class OrtCudaSession:
             for _ in range(self.num_layers)
         ]
         self.slot_bytes = self.kv_heads * self.capacity * self.head_dim * 2
+        self._bindings: dict[tuple[int, int], Any] = {}
 
     def warmup(self) -> None:
-        """One idle step per step shape (decode, prefill): ORT's first runs pick kernels."""
-        for seq in (1, min(16, self.max_step_tokens)):
-            ids = np.zeros((1, seq), np.int64)
-            zero = np.zeros(1, np.int32)
-            self.step(0, ids, ids, zero, zero, np.zeros(1, np.int64))
+        warmup_idle_steps(self.step, self.max_step_tokens)
+
+    def _binding(self, start: int, rows: int) -> Any:
+        """An IOBinding for slots [start, start + rows) with every layer's cache bound in place
+        (past and present to the same device rows), memoized per slot range: a step then only
+        rebinds its few small inputs."""
+        key = (start, rows)
+        if key not in self._bindings:
+            binding = self.session.io_binding()
+            binding.bind_output("logits", "cpu")  # first bound output: get_outputs()[0]
+            shape = [rows, self.kv_heads, self.capacity, self.head_dim]
+            offset = start * self.slot_bytes
+            for layer in range(self.num_layers):
+                for kind, buffers in (("key", self.cache_key), ("value", self.cache_value)):
+                    address = buffers[layer].data_ptr() + offset
+                    args = ("cuda", self.device_id, self.kv_type, shape, address)
+                    binding.bind_input(f"past_{kind}.{layer}", *args)
+                    binding.bind_output(f"present_{kind}.{layer}", *args)  # same rows: in place
+            self._bindings[key] = binding
+        return self._bindings[key]
 
     def step(
         self,
@@ -94,10 +115,7 @@ class OrtCudaSession:
     ) -> np.ndarray:
         """Run slots [start, start + n); return logits [m, vocab] (float32)."""
         rows, seq = input_ids.shape
-        if start < 0 or start + rows > self.max_batch:
-            raise ValueError(
-                f"slots [{start}, {start + rows}) outside [0, {self.max_batch}) [developer error]"
-            )
+        check_slot_range(start, rows, self.max_batch)
         if seq > self.max_step_tokens:  # wider than the scratch tail: narrower steps
             return step_in_chunks(
                 self.step,
@@ -109,20 +127,8 @@ class OrtCudaSession:
                 query_seqlens,
                 logits_indices,
             )
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        binding.bind_cpu_input("logits_indices", np.ascontiguousarray(logits_indices, np.int64))
-        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, np.int32))
-        binding.bind_cpu_input("query_seqlens", np.ascontiguousarray(query_seqlens, np.int32))
-        binding.bind_output("logits", "cpu")  # first bound output: get_outputs()[0]
-        shape = [rows, self.kv_heads, self.capacity, self.head_dim]
-        offset = start * self.slot_bytes
-        for layer in range(self.num_layers):
-            for kind, buffers in (("key", self.cache_key), ("value", self.cache_value)):
-                address = buffers[layer].data_ptr() + offset
-                args = ("cuda", self.device_id, self.kv_type, shape, address)
-                binding.bind_input(f"past_{kind}.{layer}", *args)
-                binding.bind_output(f"present_{kind}.{layer}", *args)  # same rows: in place
+        binding = self._binding(start, rows)
+        bind_step_inputs(binding, input_ids, position_ids, seqlens_k, query_seqlens, logits_indices)
+        binding.bind_output("logits", "cpu")  # rebound (same index): a fresh array each run
         self.session.run_with_iobinding(binding)
         return np.asarray(binding.get_outputs()[0].numpy(), np.float32)

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.errors import BackendUnavailableError
+from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 
 def _ort() -> Any:
@@ -66,15 +67,7 @@ class EngineSession:
         self._bindings: dict[tuple[int, int], Any] = {}
 
     def warmup(self) -> None:
-        """One idle 1-token step: ORT's first run allocates and plans; keep that out of request
-        timings. Slot 0's cache is untouched (query_seqlens = 0)."""
-        # Decode and prefill shapes take different kernel paths; a 2-token step is too small to
-        # set up the prefill path (measured: the first 31-token prefill then took ~1 s).
-        for seq in (1, 16):
-            ids = np.zeros((1, seq), np.int64)
-            self.step(
-                0, ids, ids, np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64)
-            )
+        warmup_idle_steps(self.step, self.max_seq_len)
 
     def _binding(self, start: int, stop: int) -> Any:
         """An IOBinding for slots [start, stop) with every layer's cache bound in place (past and
@@ -104,16 +97,9 @@ class EngineSession:
     ) -> np.ndarray:
         """Run slots [start, start + n); return logits [m, vocab]."""
         rows = input_ids.shape[0]
-        if start < 0 or start + rows > self.max_batch:
-            raise ValueError(
-                f"slots [{start}, {start + rows}) outside [0, {self.max_batch}) [developer error]"
-            )
+        check_slot_range(start, rows, self.max_batch)
         binding = self._binding(start, start + rows)
-        binding.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, np.int64))
-        binding.bind_cpu_input("position_ids", np.ascontiguousarray(position_ids, np.int64))
-        binding.bind_cpu_input("logits_indices", np.ascontiguousarray(logits_indices, np.int64))
-        binding.bind_cpu_input("seqlens_k", np.ascontiguousarray(seqlens_k, np.int32))
-        binding.bind_cpu_input("query_seqlens", np.ascontiguousarray(query_seqlens, np.int32))
+        bind_step_inputs(binding, input_ids, position_ids, seqlens_k, query_seqlens, logits_indices)
         binding.bind_output("logits", "cpu")  # rebound (same index): a fresh array each run
         self.session.run_with_iobinding(binding)
         return binding.get_outputs()[0].numpy()

@@ -1,4 +1,5 @@
-"""Pick the engine session for an engine directory's backend (all share `step` / `warmup`)."""
+"""Pick the engine session for an engine directory's backend, and what all sessions share
+(`step` inputs, slot checks, warm-up, steps wider than an engine allows)."""
 
 from __future__ import annotations
 
@@ -35,6 +36,48 @@ def open_session(
     )
 
 
+# The step inputs every session takes besides the caches, with their dtypes.
+STEP_INPUTS = (
+    ("input_ids", np.int64),  # [n, S], right-padded
+    ("position_ids", np.int64),  # [n, S]
+    ("seqlens_k", np.int32),  # [n]: tokens in the slot after this step - 1
+    ("query_seqlens", np.int32),  # [n]: valid new tokens per row (0 = idle)
+    ("logits_indices", np.int64),  # [m]: flat row * S + s positions that need logits
+)
+
+
+def check_slot_range(start: int, rows: int, max_batch: int) -> None:
+    if start < 0 or start + rows > max_batch:
+        raise ValueError(
+            f"slots [{start}, {start + rows}) outside [0, {max_batch}) [developer error]"
+        )
+
+
+def step_arrays(*arrays: np.ndarray) -> dict[str, np.ndarray]:
+    """The step inputs (in STEP_INPUTS order) by name, contiguous, in the engine's dtypes."""
+    return {
+        name: np.ascontiguousarray(array, dtype)
+        for (name, dtype), array in zip(STEP_INPUTS, arrays, strict=True)
+    }
+
+
+def bind_step_inputs(binding: Any, *arrays: np.ndarray) -> None:
+    """Bind the step inputs (STEP_INPUTS order) to an ONNX Runtime IOBinding from host memory."""
+    for name, array in step_arrays(*arrays).items():
+        binding.bind_cpu_input(name, array)
+
+
+def warmup_idle_steps(step: Any, max_step_tokens: int) -> None:
+    """One idle step (query_seqlens 0: no cache row is touched) per step shape, decode and
+    prefill: first runs allocate, plan and pick kernels; keep that out of request timings. A
+    2-token step is too small to set up the CPU prefill path (measured: the first 31-token
+    prefill then took ~1 s), hence 16."""
+    for seq in (1, min(16, max_step_tokens)):
+        ids = np.zeros((1, seq), np.int64)
+        zero = np.zeros(1, np.int32)
+        step(0, ids, ids, zero, zero, np.zeros(1, np.int64))
+
+
 def step_in_chunks(
     step: Any,
     max_tokens: int,
@@ -55,7 +98,6 @@ def step_in_chunks(
     seq = input_ids.shape[1]
     valid = np.asarray(query_seqlens, np.int64)
     past = np.where(valid > 0, np.asarray(seqlens_k, np.int64) + 1 - valid, 0)
-    out = np.empty((len(logits_indices), 0), np.float32)
     pieces: dict[int, np.ndarray] = {}
     wanted = np.asarray(logits_indices, np.int64)
     for c0 in range(0, seq, max_tokens):
@@ -74,6 +116,6 @@ def step_in_chunks(
         )
         for i, row in zip(picks, logits, strict=False):
             pieces[i] = row
-    if pieces:
-        out = np.stack([pieces[i] for i in range(len(wanted))])
-    return out
+    if not pieces:
+        return np.empty((len(wanted), 0), np.float32)
+    return np.stack([pieces[i] for i in range(len(wanted))])

@@ -21,7 +21,12 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.errors import BackendUnavailableError, EngineDirError
-from enginesmith.runtime.sessions import step_in_chunks
+from enginesmith.runtime.sessions import (
+    check_slot_range,
+    step_arrays,
+    step_in_chunks,
+    warmup_idle_steps,
+)
 
 _DECODE, _PREFILL = 0, 1
 
@@ -157,12 +162,8 @@ class TensorRTSession:
         self.stream.synchronize()
 
     def warmup(self) -> None:
-        """One idle step of each profile: first runs allocate and (TensorRT-RTX) JIT-compile
-        kernels; keep that out of request timings. No cache row is touched (query_seqlens 0)."""
-        for seq in (1, min(16, self.max_step_tokens)):
-            ids = np.zeros((1, seq), np.int64)
-            zero = np.zeros(1, np.int32)
-            self.step(0, ids, ids, zero, zero, np.zeros(1, np.int64))
+        """Idle steps of each profile: first runs allocate and (TensorRT-RTX) JIT-compile."""
+        warmup_idle_steps(self.step, self.max_step_tokens)
 
     def step(
         self,
@@ -176,10 +177,7 @@ class TensorRTSession:
         """Run slots [start, start + n); return logits [m, vocab] (float32)."""
         rows, seq = input_ids.shape
         m = len(logits_indices)
-        if start < 0 or start + rows > self.max_batch:
-            raise ValueError(
-                f"slots [{start}, {start + rows}) outside [0, {self.max_batch}) [developer error]"
-            )
+        check_slot_range(start, rows, self.max_batch)
         if seq > self.max_step_tokens:  # wider than the profile: consecutive narrower steps
             return step_in_chunks(
                 self.step,
@@ -209,10 +207,8 @@ class TensorRTSession:
     # -- internals --------------------------------------------------------------------------
 
     def _upload(self, *arrays: np.ndarray) -> None:
-        names = ("input_ids", "position_ids", "seqlens_k", "query_seqlens", "logits_indices")
-        dtypes = (np.int64, np.int64, np.int32, np.int32, np.int64)
-        for name, array, dtype in zip(names, arrays, dtypes, strict=True):
-            self._inputs[name].upload(np.ascontiguousarray(array, dtype), self.stream)
+        for name, array in step_arrays(*arrays).items():
+            self._inputs[name].upload(array, self.stream)
 
     def _bind(self, context: Any, start: int, rows: int, seq: int, m: int) -> None:
         shapes = {

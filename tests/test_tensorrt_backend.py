@@ -100,6 +100,20 @@ def with_scratch(cache: np.ndarray, capacity: int) -> np.ndarray:
     return np.concatenate([cache, tail], axis=2)
 
 
+def plugin_feeds(inputs, capacity: int) -> dict[str, np.ndarray]:  # type: ignore[no-untyped-def]
+    """The one-layer plugin graph's feeds for a mixed_batch case, caches with scratch tails."""
+    q, k, v, ck, cv, seqlens_k, valid, _ = inputs
+    return {
+        "query": q,
+        "key": k,
+        "value": v,
+        "past_key.0": with_scratch(ck, capacity),
+        "past_value.0": with_scratch(cv, capacity),
+        "seqlens_k": seqlens_k,
+        "query_seqlens": valid,
+    }
+
+
 def check_against_reference(attrs, inputs, outputs, capacity) -> None:  # type: ignore[no-untyped-def]
     q, k, v, ck, cv, seqlens_k, valid, past = inputs
     max_seq_len = ck.shape[2]
@@ -126,19 +140,10 @@ def test_onnx_ops_lowering_matches_reference(heads: tuple[int, int], window: int
     max_seq_len, seq = 24, 5
     capacity = max_seq_len + seq
     inputs = mixed_batch(attrs, max_seq_len, seq)
-    q, k, v, ck, cv, seqlens_k, valid, _ = inputs
     proto = ir.to_proto(plugin_model(attrs, "onnx", capacity))
     onnx.checker.check_model(proto)
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
-    feeds = {
-        "query": q,
-        "key": k,
-        "value": v,
-        "past_key.0": with_scratch(ck, capacity),
-        "past_value.0": with_scratch(cv, capacity),
-        "seqlens_k": seqlens_k,
-        "query_seqlens": valid,
-    }
+    feeds = plugin_feeds(inputs, capacity)
     check_against_reference(attrs, inputs, session.run(None, feeds), capacity)
 
 
@@ -200,17 +205,8 @@ def test_trt_ops_lowering_matches_reference_under_documented_semantics(
     max_seq_len, seq = 24, 5
     capacity = max_seq_len + seq
     inputs = mixed_batch(attrs, max_seq_len, seq, seed=1)
-    q, k, v, ck, cv, seqlens_k, valid, _ = inputs
     model = plugin_model(attrs, "trt", capacity)
-    feeds = {
-        "query": q,
-        "key": k,
-        "value": v,
-        "past_key.0": with_scratch(ck, capacity),
-        "past_value.0": with_scratch(cv, capacity),
-        "seqlens_k": seqlens_k,
-        "query_seqlens": valid,
-    }
+    feeds = plugin_feeds(inputs, capacity)
     check_against_reference(attrs, inputs, emulate_trt_ops(model, feeds), capacity)
 
 
