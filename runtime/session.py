@@ -15,7 +15,12 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.errors import BackendUnavailableError
+from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodePlanUnsupported
 from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
+
+# Decode steps with more rows run on ONNX Runtime: its GEMM reuses each weight tile for many
+# rows, the compiled kernels only stream weights (measured at 4 rows: 23.7 vs 14.9 ms).
+DECODE_KERNEL_MAX_ROWS = 1
 
 
 def _ort() -> Any:
@@ -35,7 +40,15 @@ class EngineSession:
         manifest: dict[str, Any],
         threads: int | None = None,
         spin_wait: bool = True,
+        decode_kernels: bool | None = None,
     ) -> None:
+        """DECODE_KERNELS: run decode steps (one new token per row, at most
+        DECODE_KERNEL_MAX_ROWS rows) on the compiled CPU kernels of runtime/decode_kernels.py
+        when the engine's graph is one they implement; None = the ENGINESMITH_DECODE_KERNELS
+        environment variable ("1" turns them on). Off by default until
+        scripts/compare_decode_kernels.py shows them ahead at both bandwidth levels of this
+        machine (so far measured at the slow one only, docs/benchmarks.md). Other steps run on
+        ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
         self.num_layers: int = model["num_layers"]
@@ -61,10 +74,26 @@ class EngineSession:
             providers=["CPUExecutionProvider"],
         )
         kv_shape = (self.max_batch, model["num_kv_heads"], self.max_seq_len, model["head_dim"])
-        # [max_batch, kv_heads, max_seq_len, head_dim] per layer and kind, allocated once.
-        self.cache_key = [np.zeros(kv_shape, np.float32) for _ in range(self.num_layers)]
-        self.cache_value = [np.zeros(kv_shape, np.float32) for _ in range(self.num_layers)]
+        # [layers, max_batch, kv_heads, max_seq_len, head_dim] per kind, allocated once; layer i
+        # is the contiguous view cache_key[i] that ONNX Runtime binds.
+        self.cache_key_all = np.zeros((self.num_layers, *kv_shape), np.float32)
+        self.cache_value_all = np.zeros((self.num_layers, *kv_shape), np.float32)
+        self.cache_key = list(self.cache_key_all)
+        self.cache_value = list(self.cache_value_all)
         self._bindings: dict[tuple[int, int], Any] = {}
+        self.decoder: CompiledDecoder | None = None
+        self.decoder_unavailable = "off (ENGINESMITH_DECODE_KERNELS=1 turns them on)"
+        if decode_kernels is None:
+            decode_kernels = os.environ.get("ENGINESMITH_DECODE_KERNELS", "0") == "1"
+        if decode_kernels:
+            try:
+                plan = DecodePlan.from_engine(engine_dir / manifest["files_by_role"]["model"])
+            except DecodePlanUnsupported as exc:
+                self.decoder_unavailable = str(exc)
+            else:
+                self.decoder = CompiledDecoder(
+                    plan, self.max_batch, self.max_seq_len, threads or os.cpu_count() or 1
+                )
 
     def warmup(self) -> None:
         warmup_idle_steps(self.step, self.max_seq_len)
@@ -98,6 +127,16 @@ class EngineSession:
         """Run slots [start, start + n); return logits [m, vocab]."""
         rows = input_ids.shape[0]
         check_slot_range(start, rows, self.max_batch)
+        if self.decoder is not None and input_ids.shape[1] == 1 and rows <= DECODE_KERNEL_MAX_ROWS:
+            positions = np.where(np.asarray(query_seqlens) > 0, np.asarray(seqlens_k), -1)
+            return self.decoder.step(
+                self.cache_key_all,
+                self.cache_value_all,
+                start,
+                np.asarray(input_ids)[:, 0],
+                positions,
+                np.asarray(logits_indices),  # S = 1: flat index = row
+            )
         binding = self._binding(start, start + rows)
         bind_step_inputs(binding, input_ids, position_ids, seqlens_k, query_seqlens, logits_indices)
         binding.bind_output("logits", "cpu")  # rebound (same index): a fresh array each run

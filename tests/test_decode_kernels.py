@@ -1,0 +1,129 @@
+"""The compiled CPU decode kernels (runtime/decode_kernels.py) against ONNX Runtime on the same
+engine and caches, and against transformers' greedy output; the graphs they refuse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from enginesmith import LLM, SamplingParams
+from enginesmith.compiler.artifact import read_manifest
+from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodePlanUnsupported
+from enginesmith.runtime.session import EngineSession
+from tests.conftest import PROMPTS, TINY_PRESETS
+from tests.test_against_transformers import hf_greedy
+
+LOGITS_RTOL = 1e-5  # relative to the largest |logit|; measured ~1e-6 (fp32, other sum order)
+
+
+def prefilled_session(engine_dir, prompt_lengths: list[int]) -> EngineSession:  # type: ignore[no-untyped-def]
+    """A session with decode kernels whose slots 0.. hold prompts of the given lengths."""
+    session = EngineSession(engine_dir, read_manifest(engine_dir), decode_kernels=True)
+    assert session.decoder is not None, session.decoder_unavailable
+    rng = np.random.default_rng(0)
+    for slot, n in enumerate(prompt_lengths):
+        ids = rng.integers(3, session.vocab_size, (1, n))
+        session.decoder, decoder = None, session.decoder  # prefill on ONNX Runtime
+        session.step(slot, ids, np.arange(n)[None], *map(np.int32, ([n - 1], [n])), np.array([0]))
+        session.decoder = decoder
+    return session
+
+
+def kernels_vs_ort(session: EngineSession, ids, positions, valid) -> tuple[float, float]:  # type: ignore[no-untyped-def]
+    """One decode step over slots [0, n) both ways from the same caches: (logit diff, cache diff)."""
+    n = len(ids)
+    caches = session.cache_key_all.copy(), session.cache_value_all.copy()
+    assert session.decoder is not None
+    ours = session.decoder.step(
+        session.cache_key_all,
+        session.cache_value_all,
+        0,
+        np.array(ids),
+        np.where(np.array(valid) > 0, positions, -1),
+        np.arange(n),
+    )
+    ours_caches = session.cache_key_all.copy(), session.cache_value_all.copy()
+    session.cache_key_all[...], session.cache_value_all[...] = caches
+    decoder, session.decoder = session.decoder, None
+    ref = session.step(
+        0,
+        np.array(ids)[:, None],
+        np.array(positions)[:, None],
+        np.array(positions, np.int32),
+        np.array(valid, np.int32),
+        np.arange(n),
+    )
+    session.decoder = decoder
+    active = np.array(valid) > 0
+    logit_diff = float(np.abs(ours[active] - ref[active]).max() / np.abs(ref[active]).max())
+    cache_diff = max(
+        float(np.abs(a - b).max())
+        for a, b in zip(ours_caches, (session.cache_key_all, session.cache_value_all), strict=True)
+    )
+    return logit_diff, cache_diff
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_decode_step_matches_onnxruntime(tiny_engine, preset: str) -> None:
+    """GQA (llama), MQA + sliding window 16 past the window (mistral), MHA + q/k/v biases
+    (qwen2): three rows at different lengths, one of them idle, several steps."""
+    session = prefilled_session(tiny_engine(preset), [5, 40, 23])
+    lengths = [5, 40, 23]
+    for step in range(4):
+        valid = [1, 1, 0] if step % 2 else [1, 1, 1]
+        positions = list(lengths)
+        logit_diff, cache_diff = kernels_vs_ort(session, [11 + step, 7, 19], positions, valid)
+        assert logit_diff < LOGITS_RTOL, (preset, step, logit_diff)
+        assert cache_diff < 1e-5, (preset, step, cache_diff)
+        lengths = [n + v for n, v in zip(lengths, valid, strict=True)]
+
+
+def test_idle_row_leaves_its_cache_alone(tiny_engine) -> None:
+    session = prefilled_session(tiny_engine("tiny-llama"), [6, 6])
+    before = session.cache_key_all[:, 1].copy()
+    assert session.decoder is not None
+    session.decoder.step(
+        session.cache_key_all,
+        session.cache_value_all,
+        0,
+        np.array([5, 5]),
+        np.array([6, -1]),
+        np.array([0]),
+    )
+    np.testing.assert_array_equal(session.cache_key_all[:, 1], before)
+    assert np.abs(session.cache_key_all[:, 0, :, 6]).max() > 0  # row 0's token was cached
+
+
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_greedy_decode_equals_transformers(tiny_engine, hf_models, monkeypatch, preset) -> None:  # type: ignore[no-untyped-def]
+    """Batch-1 generation (every decode step on the kernels) gives transformers' tokens."""
+    monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "1")
+    llm = LLM(tiny_engine(preset))
+    assert llm.session.decoder is not None
+    loaded = hf_models(preset)
+    for prompt in PROMPTS:
+        (out,) = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True))
+        assert out.token_ids == hf_greedy(loaded, prompt, 24), prompt
+
+
+def test_quantized_engine_is_refused_with_the_node(tiny_engine) -> None:
+    engine = tiny_engine("tiny-llama", quantize="int8")
+    with pytest.raises(DecodePlanUnsupported, match="fp32 weights only"):
+        DecodePlan.from_engine(engine / "model.onnx")
+    session = EngineSession(engine, read_manifest(engine), decode_kernels=True)
+    assert session.decoder is None and "Quantized" in session.decoder_unavailable
+
+
+def test_kernels_are_off_unless_asked(tiny_engine, monkeypatch) -> None:
+    monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
+    engine = tiny_engine("tiny-llama")
+    assert EngineSession(engine, read_manifest(engine)).decoder is None
+
+
+def test_decoder_reads_the_windowed_span_only(tiny_engine) -> None:
+    """Mistral's window (16) bounds the attention work items, whatever the context."""
+    engine = tiny_engine("tiny-mistral")
+    plan = DecodePlan.from_engine(engine / "model.onnx")
+    assert plan.attention.local_window_size == 16
+    decoder = CompiledDecoder(plan, max_batch=2, max_seq_len=1024, threads=2)  # 8 chunks unwindowed
+    assert decoder._part_max.shape[0] == 2 * plan.attention.kv_num_heads * 1
