@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from enginesmith.plugins.flash_attention.onnxruntime import attrs_from_gqa
 from enginesmith.plugins.flash_attention.schema import FlashAttentionAttrs
 
 
@@ -32,24 +33,15 @@ class _Graph:
     model_dir: Path
 
     def array(self, name: str) -> np.ndarray:
-        """An fp32/int initializer as a fresh in-memory array (external data read by offset)."""
-        from onnx import numpy_helper
+        """A constant initializer as an array (external data loaded by onnx's own helper)."""
+        from onnx import external_data_helper, numpy_helper
 
         tensor = self.initializers.get(name)
         if tensor is None:
             raise DecodePlanUnsupported(f"'{name}' is not a constant weight")
-        if tensor.data_location == 1:  # EXTERNAL
-            info = {e.key: e.value for e in tensor.external_data}
-            dtype = numpy_helper.helper.tensor_dtype_to_np_dtype(tensor.data_type)
-            count = int(np.prod(tensor.dims)) if tensor.dims else 1
-            raw = np.fromfile(
-                self.model_dir / info["location"],
-                dtype=dtype,
-                count=count,
-                offset=int(info.get("offset", 0)),
-            )
-            return raw.reshape(tuple(tensor.dims))
-        return np.array(numpy_helper.to_array(tensor))
+        if external_data_helper.uses_external_data(tensor):
+            external_data_helper.load_external_data_for_tensor(tensor, str(self.model_dir))
+        return numpy_helper.to_array(tensor)
 
     def only_consumer(self, value: str, op_type: str) -> Any:
         users = self.consumers.get(value, [])
@@ -80,6 +72,7 @@ def _attrs(node: Any) -> dict[str, Any]:
 
 
 def _weight_nk(graph: _Graph, matmul: Any) -> np.ndarray:
+    """The [N, K] view of a MatMul's [K, N] weight (_stack makes the one contiguous copy)."""
     if matmul.op_type != "MatMul":
         raise DecodePlanUnsupported(
             f"{matmul.op_type} '{matmul.name}': the decode kernels take fp32 MatMul weights only"
@@ -87,7 +80,7 @@ def _weight_nk(graph: _Graph, matmul: Any) -> np.ndarray:
     weight = graph.array(matmul.input[1])
     if weight.dtype != np.float32 or weight.ndim != 2:
         raise DecodePlanUnsupported(f"MatMul '{matmul.name}' weight is not a 2-D fp32 matrix")
-    return np.ascontiguousarray(weight.T)
+    return weight.T
 
 
 @dataclass
@@ -131,6 +124,14 @@ class DecodePlan:
             model_path.parent,
         )
         return _read_plan(graph)
+
+
+def _stack(arrays: list[np.ndarray]) -> np.ndarray:
+    """One C-contiguous [L, ...] fp32 array (np.stack keeps transposed inputs' memory order)."""
+    out = np.empty((len(arrays), *arrays[0].shape), np.float32)
+    for i, array in enumerate(arrays):
+        out[i] = array
+    return out
 
 
 QUANTIZED_OPS = ("MatMulNBits", "GatherBlockQuantized", "DequantizeLinear", "MatMulInteger")
@@ -182,19 +183,9 @@ def _read_plan(graph: _Graph) -> DecodePlan:
         if graph.only_consumer(qkv_out, "GroupQueryAttention") is not gqa or gqa.input[1]:
             raise DecodePlanUnsupported(f"'{gqa.name}' does not take one packed QKV input")
         attrs = _attrs(gqa)
-        width = layers["qkv"][-1].shape[0]
-        heads, kv_heads = int(attrs["num_heads"]), int(attrs["kv_num_heads"])
-        layer_attn = FlashAttentionAttrs(
-            num_heads=heads,
-            kv_num_heads=kv_heads,
-            head_dim=width // (heads + 2 * kv_heads),
-            scale=float(attrs.get("scale", 0.0)) or (width // (heads + 2 * kv_heads)) ** -0.5,
-            local_window_size=int(attrs.get("local_window_size", -1)),
-            rotary=int(attrs.get("do_rotary", 0)),
-            rotary_interleaved=int(attrs.get("rotary_interleaved", 0)),
-        )
-        if int(attrs.get("softcap", 0)) or len(gqa.input) > 9 and any(gqa.input[9:16]):
+        if int(attrs.get("softcap", 0)) or any(gqa.input[9:16]):
             raise DecodePlanUnsupported(f"'{gqa.name}' uses inputs or attributes not covered")
+        layer_attn = attrs_from_gqa(attrs, packed_width=layers["qkv"][-1].shape[0])
         if attention is None:
             attention = layer_attn
         elif layer_attn != attention:
@@ -260,13 +251,13 @@ def _read_plan(graph: _Graph) -> DecodePlan:
         eps=eps_seen.pop(),
         embed=np.ascontiguousarray(embed, np.float32),
         lm_head=np.ascontiguousarray(lm_head, np.float32),
-        w_qkv=np.stack(layers["qkv"]),
-        b_qkv=np.stack(layers["bias"]) if layers["bias"] else np.zeros((0, 0), np.float32),
-        w_o=np.stack(layers["o"]),
-        w_gate_up=np.stack(layers["gu"]),
-        w_down=np.stack(layers["down"]),
-        norm_in=np.stack(norm_in),
-        norm_post=np.stack(norm_post),
+        w_qkv=_stack(layers["qkv"]),
+        b_qkv=_stack(layers["bias"]) if layers["bias"] else np.zeros((0, 0), np.float32),
+        w_o=_stack(layers["o"]),
+        w_gate_up=_stack(layers["gu"]),
+        w_down=_stack(layers["down"]),
+        norm_in=_stack(norm_in),
+        norm_post=_stack(norm_post),
         norm_final=graph.array(final.input[2]).astype(np.float32),
         cos_cache=np.ascontiguousarray(cos, np.float32),
         sin_cache=np.ascontiguousarray(sin, np.float32),
@@ -305,6 +296,7 @@ class CompiledDecoder:
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
         self._run = decode_kernels.decode_step
+        self._chunks_per_row = decode_kernels.chunks_per_row
 
     def step(
         self,
@@ -321,7 +313,7 @@ class CompiledDecoder:
         span = int(positions.max()) + 1 if rows else 0
         if a.local_window_size >= 0:
             span = min(span, a.local_window_size)  # chunks start at the window's first key
-        per_row = max(1, -(-span // self.chunk))
+        per_row = self._chunks_per_row(span, self.chunk)
         logits = np.empty((logits_rows.shape[0], plan.lm_head.shape[0]), np.float32)
         self._run(
             input_ids.astype(np.int64, copy=False),

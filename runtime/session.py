@@ -19,7 +19,8 @@ from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodeP
 from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 # Decode steps with more rows run on ONNX Runtime: its GEMM reuses each weight tile for many
-# rows, the compiled kernels only stream weights (measured at 4 rows: 23.7 vs 14.9 ms).
+# rows, the compiled kernels only stream weights (scripts/compare_decode_kernels.py --rows 1,4,
+# docs/benchmarks.md).
 DECODE_KERNEL_MAX_ROWS = 1
 
 

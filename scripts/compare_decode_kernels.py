@@ -3,10 +3,12 @@
 bandwidth measured between repetitions (the host's bandwidth drifts: compare within a run).
 
     .venv/bin/python scripts/compare_decode_kernels.py ENGINE_DIR [--context 512] [--steps 64]
-        [--runs 3]
+        [--runs 3] [--rows 1]
 
-One "step" is one new token at batch 1 after CONTEXT cached tokens (random cache contents;
-both paths read the same cache). Prints a table and writes JSON into the cache's bench/ folder.
+One "step" is one new token per row for ROWS rows (slots 0..ROWS-1) after CONTEXT cached
+tokens (random cache contents; both paths read the same cache). The bound (1 row) is the
+weights plus the mean KV read of a step over the read bandwidth. Prints a table and writes
+JSON into the cache's bench/ folder.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +28,12 @@ from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
 from enginesmith.runtime.session import EngineSession
 
 
-def step_ms(session: EngineSession, context: int, steps: int) -> float:
-    one = lambda n: np.array([n], np.int32)  # noqa: E731
+def step_ms(step: Callable[[int, int], object], context: int, steps: int, rows: int) -> float:
+    """Median ms of STEPS calls step(rows, position), one position further each call."""
     times = []
     for i in range(steps):
-        p = context + i
         t = time.perf_counter()
-        session.step(0, np.array([[7]]), np.array([[p]]), one(p), one(1), np.array([0]))
+        step(rows, context + i)
         times.append(time.perf_counter() - t)
     return float(np.median(times[2:])) * 1e3
 
@@ -42,54 +44,74 @@ def main() -> None:
     p.add_argument("--context", type=int, default=512, help="cached tokens before each run")
     p.add_argument("--steps", type=int, default=64, help="decode steps timed per repetition")
     p.add_argument("--runs", type=int, default=3, help="repetitions (median reported)")
+    p.add_argument("--rows", default="1", help="comma-separated rows per step, e.g. 1,4")
     args = p.parse_args()
+    try:
+        row_counts = [int(r) for r in args.rows.split(",")]
+    except ValueError:
+        p.error(f"--rows takes comma-separated integers, e.g. 1,4 (got {args.rows!r})")
+    if min(row_counts) < 1 or args.runs < 1 or args.steps < 3 or args.context < 1:
+        p.error("--rows, --runs and --context must be >= 1 and --steps >= 3 (2 are warm-up)")
 
     manifest = read_manifest(args.engine, verify_hashes=False)
     session = EngineSession(args.engine, manifest, decode_kernels=True)
-    if session.decoder is None:
+    decoder = session.decoder
+    if decoder is None:
         raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
+    if max(row_counts) > session.max_batch:
+        raise SystemExit(f"--rows above the engine's max batch ({session.max_batch})")
     rng = np.random.default_rng(0)
     for buffer in (session.cache_key_all, session.cache_value_all):
         buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+    session.decoder = None  # session.step runs ONNX Runtime; the kernels are called directly
     session.warmup()
-    decoder = session.decoder
+
+    def ort_step(rows: int, pos: int) -> object:
+        col = np.full((rows, 1), pos)
+        full = np.full(rows, pos, np.int32)
+        ids = np.full((rows, 1), 7)
+        return session.step(0, ids, col, full, np.ones(rows, np.int32), np.arange(rows))
+
+    def kernel_step(rows: int, pos: int) -> object:
+        keys, values = session.cache_key_all, session.cache_value_all
+        positions = np.full(rows, pos)
+        return decoder.step(keys, values, 0, np.full(rows, 7), positions, np.arange(rows))
+
+    kernel_step(1, 0)  # compile (or load the compiled cache)
     floor = MatMulFloor(weight_matmul_shapes(args.engine / manifest["files_by_role"]["model"]))
-    rows: dict[str, list[float]] = {"onnxruntime": [], "kernels": [], "floor": [], "bw": []}
+    samples: dict[str, list[float]] = {"floor": [], "bw": []}
     for run in range(args.runs):
-        session.decoder = None
-        rows["onnxruntime"].append(step_ms(session, args.context, args.steps))
-        session.decoder = decoder
-        rows["kernels"].append(step_ms(session, args.context, args.steps))
-        rows["floor"].append(1e3 / floor.tokens_per_s())
-        rows["bw"].append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
+        for rows in row_counts:
+            for name, fn in (("onnxruntime", ort_step), ("kernels", kernel_step)):
+                ms = step_ms(fn, args.context, args.steps, rows)
+                samples.setdefault(f"{name} {rows} row(s)", []).append(ms)
+        samples["floor"].append(1e3 / floor.tokens_per_s())
+        samples["bw"].append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
         print(
-            f"run {run + 1}: onnxruntime {rows['onnxruntime'][-1]:.2f} ms, kernels "
-            f"{rows['kernels'][-1]:.2f} ms, MatMul floor {rows['floor'][-1]:.2f} ms, "
-            f"read bandwidth {rows['bw'][-1] / 1e9:.1f} GB/s",
+            f"run {run + 1}: "
+            + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in samples.items() if k != "bw")
+            + f", read bandwidth {samples['bw'][-1] / 1e9:.1f} GB/s",
             flush=True,
         )
-    kv_bytes = 2 * manifest["model"]["num_layers"] * manifest["model"]["num_kv_heads"]
-    kv_bytes *= manifest["model"]["head_dim"] * 4 * (args.context + args.steps // 2)
-    weight_bytes = floor.weight_bytes
-    med = {k: float(np.median(v)) for k, v in rows.items()}
-    bound_ms = (weight_bytes + kv_bytes) / med["bw"] * 1e3
-    print(f"\n{'path':<14} {'step ms':>8} {'tok/s':>7} {'% of bound':>10}")
-    for name in ("onnxruntime", "kernels", "floor"):
-        print(f"{name:<14} {med[name]:8.2f} {1e3 / med[name]:7.1f} {bound_ms / med[name]:10.1%}")
+    mean_context = args.context + args.steps // 2
+    kv_bytes = manifest["kv_cache"]["bytes_per_token"] * mean_context
+    med = {k: float(np.median(v)) for k, v in samples.items()}
+    bound_ms = (floor.weight_bytes + kv_bytes) / med["bw"] * 1e3
+    print(f"\n{'path':<26} {'step ms':>8} {'tok/s':>7} {'% of bound (1 row)':>19}")
+    for name, ms in med.items():
+        if name == "bw":
+            continue
+        rows = 1 if name == "floor" else int(name.rsplit(" ", 2)[1])
+        share = f"{bound_ms / ms:19.1%}" if rows == 1 else f"{'':>19}"
+        print(f"{name:<26} {ms:8.2f} {rows * 1e3 / ms:7.1f} {share}")
     print(
-        f"bound: {(weight_bytes + kv_bytes) / 1e6:.0f} MB per token (weights + mean KV read) "
+        f"bound: {(floor.weight_bytes + kv_bytes) / 1e6:.0f} MB per token (weights + mean KV read) "
         f"at {med['bw'] / 1e9:.1f} GB/s = {bound_ms:.2f} ms"
     )
     out = cache_dir() / "bench" / time.strftime("decode-kernels-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {"engine": str(args.engine), "args": vars(args) | {"engine": str(args.engine)}}
-            | {"samples": rows, "median": med, "bound_ms": bound_ms},
-            indent=2,
-        )
-        + "\n"
-    )
+    record = {"args": vars(args) | {"engine": str(args.engine)}, "samples": samples}
+    out.write_text(json.dumps(record | {"median": med, "bound_ms": bound_ms}, indent=2) + "\n")
     print(f"JSON: {out}")
 
 

@@ -23,9 +23,9 @@ def prefilled_session(engine_dir, prompt_lengths: list[int]) -> EngineSession:  
     rng = np.random.default_rng(0)
     for slot, n in enumerate(prompt_lengths):
         ids = rng.integers(3, session.vocab_size, (1, n))
-        session.decoder, decoder = None, session.decoder  # prefill on ONNX Runtime
-        session.step(slot, ids, np.arange(n)[None], *map(np.int32, ([n - 1], [n])), np.array([0]))
-        session.decoder = decoder
+        # A prompt step (S > 1) runs on ONNX Runtime.
+        seqlens_k, valid = np.array([n - 1], np.int32), np.array([n], np.int32)
+        session.step(slot, ids, np.arange(n)[None], seqlens_k, valid, np.array([n - 1]))
     return session
 
 
@@ -127,3 +127,13 @@ def test_decoder_reads_the_windowed_span_only(tiny_engine) -> None:
     assert plan.attention.local_window_size == 16
     decoder = CompiledDecoder(plan, max_batch=2, max_seq_len=1024, threads=2)  # 8 chunks unwindowed
     assert decoder._part_max.shape[0] == 2 * plan.attention.kv_num_heads * 1
+
+
+def test_plan_weights_are_contiguous_rows(tiny_engine) -> None:
+    """The kernels stream [N, K] rows: every stacked weight is C-contiguous, transposed from
+    the graph's [K, N] MatMul weights."""
+    engine = tiny_engine("tiny-llama")
+    plan = DecodePlan.from_engine(engine / "model.onnx")
+    for w in (plan.w_qkv, plan.w_o, plan.w_gate_up, plan.w_down, plan.lm_head):
+        assert w.flags.c_contiguous and w.dtype == np.float32
+    assert plan.w_qkv.shape[1] == plan.attention.packed_width

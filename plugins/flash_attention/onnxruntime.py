@@ -11,6 +11,8 @@ the reference in tests/test_flash_attention_plugin.py).
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import onnx_ir as ir
 
@@ -19,6 +21,34 @@ from enginesmith.plugins.flash_attention import schema
 
 ORT_DOMAIN = "com.microsoft"
 _QUERY_SEQLENS_INPUT = 16  # GroupQueryAttention input index of query_seqlens
+
+
+def gqa_attributes(attrs: schema.FlashAttentionAttrs) -> dict[str, int | float]:
+    """GroupQueryAttention's attributes for a FlashAttention node (head_dim is implied by the
+    query width)."""
+    return {
+        "num_heads": attrs.num_heads,
+        "kv_num_heads": attrs.kv_num_heads,
+        "scale": attrs.scale,
+        "local_window_size": attrs.local_window_size,
+        "do_rotary": attrs.rotary,
+        "rotary_interleaved": attrs.rotary_interleaved,
+    }
+
+
+def attrs_from_gqa(gqa: dict[str, Any], packed_width: int) -> schema.FlashAttentionAttrs:
+    """The inverse of gqa_attributes, for a lowered node with a packed QKV query of
+    PACKED_WIDTH (what the runtime's decode kernels read back off an engine)."""
+    heads, kv_heads = int(gqa["num_heads"]), int(gqa["kv_num_heads"])
+    head_dim = packed_width // (heads + 2 * kv_heads)
+    return schema.FlashAttentionAttrs.from_node_attributes(
+        {
+            **gqa,
+            "head_dim": head_dim,
+            "scale": float(gqa.get("scale") or head_dim**-0.5),  # GQA: 0 = 1/sqrt(head_dim)
+            "rotary": gqa.get("do_rotary", 0),
+        }
+    )
 
 
 class LowerFlashAttentionToORT(EnginePass):
@@ -68,14 +98,7 @@ class LowerFlashAttentionToORT(EnginePass):
             gqa = ir.node(
                 "GroupQueryAttention",
                 gqa_inputs,
-                {
-                    "num_heads": attrs.num_heads,
-                    "kv_num_heads": attrs.kv_num_heads,
-                    "scale": attrs.scale,
-                    "local_window_size": attrs.local_window_size,
-                    "do_rotary": attrs.rotary,
-                    "rotary_interleaved": attrs.rotary_interleaved,
-                },
+                gqa_attributes(attrs),
                 domain=ORT_DOMAIN,
                 num_outputs=3,
                 name=node.name,
