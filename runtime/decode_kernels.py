@@ -30,33 +30,75 @@ ATTENTION_CHUNK = 128  # context positions per attention work item
 FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
 
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _dot_1x8(x, m, w, j, out):  # type: ignore[no-untyped-def]
+    """out[m, j:j+8] = x[m] . w[j:j+8]: eight independent accumulator chains, eight weight
+    streams in flight (fewer leave a thread waiting on FMA latency or on memory)."""
+    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
+    for k in range(x.shape[1]):
+        xv = x[m, k]
+        a0 += xv * w[j, k]
+        a1 += xv * w[j + 1, k]
+        a2 += xv * w[j + 2, k]
+        a3 += xv * w[j + 3, k]
+        a4 += xv * w[j + 4, k]
+        a5 += xv * w[j + 5, k]
+        a6 += xv * w[j + 6, k]
+        a7 += xv * w[j + 7, k]
+    out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a0, a1, a2, a3
+    out[m, j + 4], out[m, j + 5], out[m, j + 6], out[m, j + 7] = a4, a5, a6, a7
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _dot_4x4(x, m, w, j, out):  # type: ignore[no-untyped-def]
+    """out[m:m+4, j:j+4]: a 4x4 register tile, so each loaded weight serves four rows."""
+    c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.float32(0.0)
+    c20 = c21 = c22 = c23 = c30 = c31 = c32 = c33 = np.float32(0.0)
+    for k in range(x.shape[1]):
+        x0, x1, x2, x3 = x[m, k], x[m + 1, k], x[m + 2, k], x[m + 3, k]
+        w0, w1, w2, w3 = w[j, k], w[j + 1, k], w[j + 2, k], w[j + 3, k]
+        c00 += x0 * w0
+        c01 += x0 * w1
+        c02 += x0 * w2
+        c03 += x0 * w3
+        c10 += x1 * w0
+        c11 += x1 * w1
+        c12 += x1 * w2
+        c13 += x1 * w3
+        c20 += x2 * w0
+        c21 += x2 * w1
+        c22 += x2 * w2
+        c23 += x2 * w3
+        c30 += x3 * w0
+        c31 += x3 * w1
+        c32 += x3 * w2
+        c33 += x3 * w3
+    out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = c00, c01, c02, c03
+    out[m + 1, j], out[m + 1, j + 1], out[m + 1, j + 2], out[m + 1, j + 3] = c10, c11, c12, c13
+    out[m + 2, j], out[m + 2, j + 1], out[m + 2, j + 2], out[m + 2, j + 3] = c20, c21, c22, c23
+    out[m + 3, j], out[m + 3, j + 1], out[m + 3, j + 2], out[m + 3, j + 3] = c30, c31, c32, c33
+
+
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def matmul_nk(x, w, out):  # type: ignore[no-untyped-def]
-    """out[M, N] = x[M, K] @ w[N, K]^T: each weight row is read once, contiguously, for all M
-    rows. Four output rows at a time give four independent accumulator chains: a single
-    chain waits on the latency of each fused multiply-add."""
-    rows, k_total = x.shape
+    """out[M, N] = x[M, K] @ w[N, K]^T. Each thread streams a contiguous range of 8-row weight
+    blocks once for all M rows: 4x4 tiles for each four rows, 1x8 for the rest."""
+    rows = x.shape[0]
     n_total = w.shape[0]
-    quads = n_total // 4
-    blocks = 64
-    step = (quads + blocks - 1) // blocks
-    for b in prange(blocks):
-        for quad in range(b * step, min(quads, (b + 1) * step)):
-            j = quad * 4
-            w0, w1, w2, w3 = w[j], w[j + 1], w[j + 2], w[j + 3]
-            for m in range(rows):
-                a0 = a1 = a2 = a3 = np.float32(0.0)
-                for k in range(k_total):
-                    xv = x[m, k]
-                    a0 += xv * w0[k]
-                    a1 += xv * w1[k]
-                    a2 += xv * w2[k]
-                    a3 += xv * w3[k]
-                out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a0, a1, a2, a3
-    for j in range(quads * 4, n_total):
+    for b in prange(n_total // 8):
+        j = b * 8
+        m = 0
+        while m + 4 <= rows:
+            _dot_4x4(x, m, w, j, out)
+            _dot_4x4(x, m, w, j + 4, out)
+            m += 4
+        while m < rows:
+            _dot_1x8(x, m, w, j, out)
+            m += 1
+    for j in range(n_total - n_total % 8, n_total):
         for m in range(rows):
             acc = np.float32(0.0)
-            for k in range(k_total):
+            for k in range(x.shape[1]):
                 acc += x[m, k] * w[j, k]
             out[m, j] = acc
 
@@ -83,13 +125,17 @@ def add_into(residual, x):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
-def silu_product(gate_up, out):  # type: ignore[no-untyped-def]
-    """out = SiLU(gate_up[:, :I]) * gate_up[:, I:] (the packed gate/up projection)."""
+def silu_product(gate_up, out, bits):  # type: ignore[no-untyped-def]
+    """out = SiLU(gate_up[:, :I]) * gate_up[:, I:] (the packed gate/up projection); bits is
+    int32 scratch of length >= I."""
     rows, width = out.shape
     for m in range(rows):
+        row = out[m]
         for j in range(width):
-            g = gate_up[m, j]
-            out[m, j] = g / (np.float32(1.0) + np.exp(-g)) * gate_up[m, width + j]
+            row[j] = -gate_up[m, j]
+        _exp_in_place(row, width, bits)  # row = exp(-g)
+        for j in range(width):
+            row[j] = gate_up[m, j] / (np.float32(1.0) + row[j]) * gate_up[m, width + j]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
@@ -142,6 +188,107 @@ def rotary_and_cache_write(  # type: ignore[no-untyped-def]
                 cache_v[slot0 + m, g, p, d] = qkv[m, v_off + d]
 
 
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _exp_in_place(x, n, bits):  # type: ignore[no-untyped-def]
+    """x[:n] = exp(x[:n]) in loops LLVM vectorizes (libm's expf is a scalar call per
+    element, which made the SiLU product cost more than all the norms). Cephes' expf:
+    x = k ln2 + r, |r| <= ln2/2, degree-7 polynomial for e^r, 2^k built in the exponent bits
+    of `bits` (int32 scratch, len >= n). Relative error ~1e-7; inputs are clamped to
+    [-87, 88] (results ~1e-38 instead of denormals or 0, ~1.7e38 instead of inf)."""
+    scaled = bits.view(np.float32)
+    for t in range(n):
+        y = min(max(x[t], np.float32(-87.0)), np.float32(88.0))
+        k = np.floor(y * np.float32(1.4426950408889634) + np.float32(0.5))
+        r = y - k * np.float32(0.693359375) + k * np.float32(2.12194440e-4)
+        p = np.float32(1.9875691500e-4)
+        p = p * r + np.float32(1.3981999507e-3)
+        p = p * r + np.float32(8.3334519073e-3)
+        p = p * r + np.float32(4.1665795894e-2)
+        p = p * r + np.float32(1.6666665459e-1)
+        p = p * r + np.float32(5.0000001201e-1)
+        x[t] = p * r * r + r + np.float32(1.0)
+        bits[t] = (np.int32(k) + np.int32(127)) << np.int32(23)
+    for t in range(n):
+        x[t] *= scaled[t]
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _scores_4(q, keys, start, span, scores):  # type: ignore[no-untyped-def]
+    """scores[0:4, :span] = q[0:4] . keys[start + t]: four query heads per key row read."""
+    q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+    for t in range(span):
+        key = keys[start + t]
+        s0 = s1 = s2 = s3 = np.float32(0.0)
+        for d in range(key.shape[0]):
+            kv = key[d]
+            s0 += q0[d] * kv
+            s1 += q1[d] * kv
+            s2 += q2[d] * kv
+            s3 += q3[d] * kv
+        scores[0, t], scores[1, t], scores[2, t], scores[3, t] = s0, s1, s2, s3
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _weighted_values_4(scores, values, start, span, acc):  # type: ignore[no-untyped-def]
+    """acc[0:4] = sum_t scores[0:4, t] * values[start + t]: four heads per value row read,
+    four value rows per accumulator update (the accumulator's loads and stores, not the
+    FMAs, bound this loop). One local accumulator: LLVM vectorizes a loop only while its
+    runtime alias checks stay few."""
+    width = values.shape[1]
+    local = np.zeros((4, width), np.float32)
+    t = 0
+    while t + 4 <= span:
+        v0, v1 = values[start + t], values[start + t + 1]
+        v2, v3 = values[start + t + 2], values[start + t + 3]
+        for hh in range(4):
+            w0, w1, w2, w3 = scores[hh, t], scores[hh, t + 1], scores[hh, t + 2], scores[hh, t + 3]
+            for d in range(width):
+                local[hh, d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
+        t += 4
+    while t < span:
+        v0 = values[start + t]
+        for hh in range(4):
+            w0 = scores[hh, t]
+            for d in range(width):
+                local[hh, d] += w0 * v0[d]
+        t += 1
+    for hh in range(4):
+        for d in range(width):
+            acc[hh, d] = local[hh, d]
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy")
+def _merge_partials(  # type: ignore[no-untyped-def]
+    item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, out
+):
+    """Exact merge of the split-K softmax states into out (items of one (row, KV head) are
+    consecutive). A function of its own: in a parallel=True function every array expression
+    becomes a parallel region, and launching one per head costs more than the merge."""
+    first_item = 0
+    while first_item < items:
+        m, g = item_row[first_item], item_head[first_item]
+        end = first_item + 1
+        while end < items and item_row[end] == m and item_head[end] == g:
+            end += 1
+        for hh in range(group):
+            o_off = (g * group + hh) * head_dim
+            mx = part_max[first_item, hh]
+            for j in range(first_item + 1, end):
+                mx = max(mx, part_max[j, hh])
+            for d in range(head_dim):
+                out[m, o_off + d] = 0.0
+            total = np.float32(0.0)
+            for j in range(first_item, end):
+                f = np.exp(part_max[j, hh] - mx)
+                total += f * part_sum[j, hh]
+                for d in range(head_dim):
+                    out[m, o_off + d] += f * part_acc[j, hh, d]
+            inv = np.float32(1.0) / total
+            for d in range(head_dim):
+                out[m, o_off + d] *= inv
+        first_item = end
+
+
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def attention_decode(  # type: ignore[no-untyped-def]
     qkv,
@@ -162,82 +309,67 @@ def attention_decode(  # type: ignore[no-untyped-def]
 ):
     """Causal (optionally windowed) GQA for one new token per row, split-K over the context.
 
-    part_max/part_sum [items, G], part_acc [items, G, head_dim] hold each work item's softmax
-    state; items = rows * n_kv * chunks_per_row.
+    One work item is (row, KV head, chunk of `chunk` keys); only chunks that hold keys become
+    items, so both threads get work at any context length. Each item reads its keys and
+    values once for the whole query group, four heads at a time, and leaves its softmax state
+    (max, sum, unnormalized output) in part_max/part_sum [cap, G] and part_acc [cap, G, H];
+    the states of one (row, KV head) are then merged exactly.
     """
     rows = qkv.shape[0]
     group = n_heads // n_kv
-    per_row = part_max.shape[0] // rows // n_kv
-    items = rows * n_kv * per_row
-    for it in prange(items):
-        m = it // (n_kv * per_row)
-        g = (it // per_row) % n_kv
-        j = it % per_row
-        part_sum[it] = 0.0  # 0 marks an empty chunk (a non-empty one sums to >= 1)
+    cap = part_max.shape[0]
+    item_row = np.empty(cap, np.int64)
+    item_head = np.empty(cap, np.int64)
+    item_start = np.empty(cap, np.int64)
+    item_stop = np.empty(cap, np.int64)
+    items = 0
+    for m in range(rows):
         p = positions[m]
-        if p < 0:
+        if p < 0:  # idle row: zero output, as GroupQueryAttention gives
+            for j in range(out.shape[1]):
+                out[m, j] = 0.0
             continue
-        lo = 0 if window < 0 else max(0, p - window + 1)
-        start = lo + j * chunk
-        stop = min(p + 1, start + chunk)
-        if start >= stop:
-            continue
-        span = stop - start
-        q = np.empty((group, head_dim), np.float32)  # the group's query heads, pre-scaled
-        for hh in range(group):
-            q_off = (g * group + hh) * head_dim
-            for d in range(head_dim):
-                q[hh, d] = qkv[m, q_off + d] * scale
+        first = 0 if window < 0 else max(0, p - window + 1)
+        for g in range(n_kv):
+            for begin in range(first, p + 1, chunk):
+                item_row[items], item_head[items] = m, g
+                item_start[items], item_stop[items] = begin, min(p + 1, begin + chunk)
+                items += 1
+    blocks = (group + 3) // 4
+    for it in prange(items):
+        m, g = item_row[it], item_head[it]
+        start, span = item_start[it], item_stop[it] - item_start[it]
         keys = cache_k[slot0 + m, g]
         values = cache_v[slot0 + m, g]
-        scores = np.empty((group, span), np.float32)
-        for t in range(span):
-            for hh in range(group):
-                s = np.float32(0.0)
+        q = np.zeros((4, head_dim), np.float32)
+        scores = np.empty((4, chunk), np.float32)
+        acc = np.empty((4, head_dim), np.float32)
+        bits = np.empty(chunk, np.int32)
+        for blk in range(blocks):
+            heads = min(4, group - 4 * blk)
+            for hh in range(heads):  # the block's query heads, pre-scaled (unused rows stay 0)
+                q_off = (g * group + 4 * blk + hh) * head_dim
                 for d in range(head_dim):
-                    s += q[hh, d] * keys[start + t, d]
-                scores[hh, t] = s
-        acc = np.zeros((group, head_dim), np.float32)
-        for hh in range(group):
-            mx = scores[hh, 0]
-            for t in range(1, span):
-                mx = max(mx, scores[hh, t])
-            total = np.float32(0.0)
-            for t in range(span):
-                e = np.exp(scores[hh, t] - mx)
-                scores[hh, t] = e
-                total += e
-            part_max[it, hh] = mx
-            part_sum[it, hh] = total
-        for t in range(span):
-            for hh in range(group):
-                w = scores[hh, t]
-                for d in range(head_dim):
-                    acc[hh, d] += w * values[start + t, d]
-        part_acc[it] = acc
-    for m in range(rows):  # exact merge of the partial softmax states
-        for g in range(n_kv):
-            base = (m * n_kv + g) * per_row
-            for hh in range(group):
-                o_off = (g * group + hh) * head_dim
-                out[m, o_off : o_off + head_dim] = 0.0
-                mx = np.float32(0.0)
-                seen = False
-                for j in range(per_row):
-                    if part_sum[base + j, hh] > 0.0 and (not seen or part_max[base + j, hh] > mx):
-                        mx = part_max[base + j, hh]
-                        seen = True
-                if not seen:  # idle row: zero output, as GroupQueryAttention gives
-                    continue
+                    q[hh, d] = qkv[m, q_off + d] * scale
+            _scores_4(q, keys, start, span, scores)
+            for hh in range(heads):
+                row = scores[hh]
+                mx = row[0]
+                for t in range(1, span):
+                    mx = max(mx, row[t])
+                for t in range(span):
+                    row[t] -= mx
+                _exp_in_place(row, span, bits)
                 total = np.float32(0.0)
-                for j in range(per_row):
-                    if part_sum[base + j, hh] > 0.0:
-                        f = np.exp(part_max[base + j, hh] - mx)
-                        total += f * part_sum[base + j, hh]
-                        for d in range(head_dim):
-                            out[m, o_off + d] += f * part_acc[base + j, hh, d]
-                for d in range(head_dim):
-                    out[m, o_off + d] /= total
+                for t in range(span):
+                    total += row[t]
+                part_max[it, 4 * blk + hh] = mx
+                part_sum[it, 4 * blk + hh] = total
+            for hh in range(heads, 4):
+                scores[hh, :span] = 0.0
+            _weighted_values_4(scores, values, start, span, acc)
+            part_acc[it, 4 * blk : 4 * blk + heads] = acc[:heads]
+    _merge_partials(item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, out)
 
 
 def chunks_per_row(max_context: int, chunk: int = ATTENTION_CHUNK) -> int:
@@ -292,6 +424,7 @@ def decode_step(  # type: ignore[no-untyped-def]
     rows = ids.shape[0]
     layers = w_qkv.shape[0]
     items = rows * n_kv * per_row
+    bits = np.empty(act.shape[1], np.int32)  # exp scratch of the SiLU product
     for m in range(rows):
         hidden[m, :] = embed[ids[m]]
     for layer in range(layers):
@@ -334,7 +467,7 @@ def decode_step(  # type: ignore[no-untyped-def]
         add_into(hidden, proj)
         rms_norm(hidden, norm_post[layer], eps, normed)
         matmul_nk(normed, w_gate_up[layer], gate_up)
-        silu_product(gate_up, act)
+        silu_product(gate_up, act, bits)
         matmul_nk(act, w_down[layer], proj)
         add_into(hidden, proj)
     selected = np.empty((logits_rows.shape[0], hidden.shape[1]), np.float32)
@@ -343,3 +476,18 @@ def decode_step(  # type: ignore[no-untyped-def]
     final = np.empty_like(selected)
     rms_norm(selected, norm_final, eps, final)
     matmul_nk(final, lm_head, logits)
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy")
+def weight_products_only(  # type: ignore[no-untyped-def]
+    w_qkv, w_o, w_gate_up, w_down, lm_head, hidden, act, qkv, proj, gate_up, logits
+):
+    """Every weight product of one decode step, in step order, and nothing else: the
+    kernels' own MatMul floor (scripts/compare_decode_kernels.py), which says how much of a
+    step is the weight streaming and how much attention, norms and the rest."""
+    for layer in range(w_qkv.shape[0]):
+        matmul_nk(hidden, w_qkv[layer], qkv)
+        matmul_nk(hidden, w_o[layer], proj)
+        matmul_nk(hidden, w_gate_up[layer], gate_up)
+        matmul_nk(act, w_down[layer], proj)
+    matmul_nk(hidden, lm_head, logits)

@@ -10,6 +10,7 @@ node that did not match, and the session keeps running every step on ONNX Runtim
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -296,6 +297,7 @@ class CompiledDecoder:
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
         self._run = decode_kernels.decode_step
+        self._weight_products = decode_kernels.weight_products_only
         self._chunks_per_row = decode_kernels.chunks_per_row
 
     def step(
@@ -330,3 +332,21 @@ class CompiledDecoder:
             self._proj[:rows], self._gate_up[:rows], self._act[:rows], logits,
         )  # fmt: skip
         return logits
+
+    def compiled_on_disk(self) -> bool:
+        """Whether numba's on-disk cache already holds the step kernel (else the first step
+        compiles it, ~15 s here). Best effort: numba's cache layout is not public API."""
+        try:
+            index = self._run._cache._cache_file._index_path  # type: ignore[attr-defined]
+        except AttributeError:
+            return True  # unknown layout: stay quiet rather than guess
+        return bool(self._run.signatures) or os.path.exists(index)
+
+    def weight_products_only(self, rows: int) -> None:
+        """Only the weight products of a step over `rows` rows (a diagnostic floor)."""
+        p = self.plan
+        logits = np.empty((rows, p.lm_head.shape[0]), np.float32)
+        self._weight_products(
+            p.w_qkv, p.w_o, p.w_gate_up, p.w_down, p.lm_head, self._hidden[:rows],
+            self._act[:rows], self._qkv[:rows], self._proj[:rows], self._gate_up[:rows], logits,
+        )  # fmt: skip

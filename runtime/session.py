@@ -9,6 +9,7 @@ OrtValue and GroupQueryAttention writes new tokens in place. No step copies the 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -45,11 +46,13 @@ class EngineSession:
     ) -> None:
         """DECODE_KERNELS: run decode steps (one new token per row, at most
         DECODE_KERNEL_MAX_ROWS rows) on the compiled CPU kernels of runtime/decode_kernels.py
-        when the engine's graph is one they implement; None = the ENGINESMITH_DECODE_KERNELS
-        environment variable ("1" turns them on). Off by default until
-        scripts/compare_decode_kernels.py shows them ahead at both bandwidth levels of this
-        machine (so far measured at the slow one only, docs/benchmarks.md). Other steps run on
-        ONNX Runtime over the same caches."""
+        when the engine's graph is one they implement (fp32 weights); None = the
+        ENGINESMITH_DECODE_KERNELS environment variable ("1" turns them on). Off by default:
+        scripts/compare_decode_kernels.py measures their step ahead of ONNX Runtime's at both
+        bandwidth levels of this machine, but end to end (`enginesmith bench`, 512-token
+        prompt) they only tie, because their attention is no faster than ONNX Runtime's
+        GroupQueryAttention at these context lengths (docs/benchmarks.md). Other steps, and
+        engines the kernels do not implement, run on ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
         self.num_layers: int = model["num_layers"]
@@ -97,6 +100,14 @@ class EngineSession:
                 )
 
     def warmup(self) -> None:
+        """Idle steps of each shape; the first one also compiles the decode kernels (once per
+        machine: numba caches them next to runtime/decode_kernels.py)."""
+        if self.decoder is not None and not self.decoder.compiled_on_disk():
+            print(
+                "compiling the CPU decode kernels (first run only, ~15 s; cached afterwards)",
+                file=sys.stderr,
+                flush=True,
+            )
         warmup_idle_steps(self.step, self.max_seq_len)
 
     def _binding(self, start: int, stop: int) -> Any:

@@ -1,6 +1,8 @@
 """Decode-step time of an engine on ONNX Runtime vs the compiled CPU kernels
-(runtime/decode_kernels.py), side by side in one run, with the MatMul floor and the read
-bandwidth measured between repetitions (the host's bandwidth drifts: compare within a run).
+(runtime/decode_kernels.py), side by side in one run, with each one's MatMul floor (the
+step's weight products alone: ONNX Runtime's kernels, runtime/matmul_floor.py, and ours) and
+the read bandwidth measured between repetitions (the host's bandwidth drifts: compare within
+a run).
 
     .venv/bin/python scripts/compare_decode_kernels.py ENGINE_DIR [--context 512] [--steps 64]
         [--runs 3] [--rows 1]
@@ -77,15 +79,23 @@ def main() -> None:
         positions = np.full(rows, pos)
         return decoder.step(keys, values, 0, np.full(rows, 7), positions, np.arange(rows))
 
+    def kernel_weights_only(rows: int, pos: int) -> object:
+        return decoder.weight_products_only(rows)
+
     kernel_step(1, 0)  # compile (or load the compiled cache)
     floor = MatMulFloor(weight_matmul_shapes(args.engine / manifest["files_by_role"]["model"]))
-    samples: dict[str, list[float]] = {"floor": [], "bw": []}
+    samples: dict[str, list[float]] = {"onnxruntime MatMuls": [], "bw": []}
     for run in range(args.runs):
         for rows in row_counts:
-            for name, fn in (("onnxruntime", ort_step), ("kernels", kernel_step)):
+            paths = (
+                ("onnxruntime", ort_step),
+                ("kernels", kernel_step),
+                ("kernel MatMuls", kernel_weights_only),
+            )
+            for name, fn in paths:
                 ms = step_ms(fn, args.context, args.steps, rows)
                 samples.setdefault(f"{name} {rows} row(s)", []).append(ms)
-        samples["floor"].append(1e3 / floor.tokens_per_s())
+        samples["onnxruntime MatMuls"].append(1e3 / floor.tokens_per_s())
         samples["bw"].append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
         print(
             f"run {run + 1}: "
@@ -97,13 +107,13 @@ def main() -> None:
     kv_bytes = manifest["kv_cache"]["bytes_per_token"] * mean_context
     med = {k: float(np.median(v)) for k, v in samples.items()}
     bound_ms = (floor.weight_bytes + kv_bytes) / med["bw"] * 1e3
-    print(f"\n{'path':<26} {'step ms':>8} {'tok/s':>7} {'% of bound (1 row)':>19}")
+    print(f"\n{'path':<28} {'step ms':>8} {'tok/s':>7} {'% of bound (1 row)':>19}")
     for name, ms in med.items():
         if name == "bw":
             continue
-        rows = 1 if name == "floor" else int(name.rsplit(" ", 2)[1])
+        rows = 1 if name == "onnxruntime MatMuls" else int(name.rsplit(" ", 2)[1])
         share = f"{bound_ms / ms:19.1%}" if rows == 1 else f"{'':>19}"
-        print(f"{name:<26} {ms:8.2f} {rows * 1e3 / ms:7.1f} {share}")
+        print(f"{name:<28} {ms:8.2f} {rows * 1e3 / ms:7.1f} {share}")
     print(
         f"bound: {(floor.weight_bytes + kv_bytes) / 1e6:.0f} MB per token (weights + mean KV read) "
         f"at {med['bw'] / 1e9:.1f} GB/s = {bound_ms:.2f} ms"

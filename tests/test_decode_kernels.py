@@ -115,9 +115,12 @@ def test_quantized_engine_is_refused_with_the_node(tiny_engine) -> None:
 
 
 def test_kernels_are_off_unless_asked(tiny_engine, monkeypatch) -> None:
-    monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
     engine = tiny_engine("tiny-llama")
-    assert EngineSession(engine, read_manifest(engine)).decoder is None
+    monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
+    session = EngineSession(engine, read_manifest(engine))
+    assert session.decoder is None and "ENGINESMITH_DECODE_KERNELS=1" in session.decoder_unavailable
+    monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "1")
+    assert EngineSession(engine, read_manifest(engine)).decoder is not None
 
 
 def test_decoder_reads_the_windowed_span_only(tiny_engine) -> None:
