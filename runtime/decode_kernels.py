@@ -191,7 +191,7 @@ def rotary_and_cache_write(  # type: ignore[no-untyped-def]
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _exp_in_place(x, n, bits):  # type: ignore[no-untyped-def]
     """x[:n] = exp(x[:n]) in loops LLVM vectorizes (libm's expf is a scalar call per
-    element, which made the SiLU product cost more than all the norms). Cephes' expf:
+    element). Cephes' expf:
     x = k ln2 + r, |r| <= ln2/2, degree-7 polynomial for e^r, 2^k built in the exponent bits
     of `bits` (int32 scratch, len >= n). Relative error ~1e-7; inputs are clamped to
     [-87, 88] (results ~1e-38 instead of denormals or 0, ~1.7e38 instead of inf)."""
@@ -231,8 +231,8 @@ def _scores_4(q, keys, start, span, scores):  # type: ignore[no-untyped-def]
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _weighted_values_4(scores, values, start, span, acc):  # type: ignore[no-untyped-def]
     """acc[0:4] = sum_t scores[0:4, t] * values[start + t]: four heads per value row read,
-    four value rows per accumulator update (the accumulator's loads and stores, not the
-    FMAs, bound this loop). One local accumulator: LLVM vectorizes a loop only while its
+    four value rows per accumulator update (a quarter of the accumulator's loads and
+    stores). One local accumulator: LLVM vectorizes a loop only while its
     runtime alias checks stay few."""
     width = values.shape[1]
     local = np.zeros((4, width), np.float32)
@@ -491,3 +491,17 @@ def weight_products_only(  # type: ignore[no-untyped-def]
         matmul_nk(hidden, w_gate_up[layer], gate_up)
         matmul_nk(act, w_down[layer], proj)
     matmul_nk(hidden, lm_head, logits)
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy")
+def attention_only(  # type: ignore[no-untyped-def]
+    qkv, positions, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window, chunk, part_max,
+    part_sum, part_acc, attn,
+):  # fmt: skip
+    """Every layer's attention of one decode step over slots [0, M), and nothing else: what
+    attention costs of a step (scripts/compare_decode_kernels.py)."""
+    for layer in range(cache_k.shape[0]):
+        attention_decode(
+            qkv, positions, 0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim, scale,
+            window, chunk, part_max, part_sum, part_acc, attn,
+        )  # fmt: skip

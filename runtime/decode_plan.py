@@ -298,6 +298,7 @@ class CompiledDecoder:
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
         self._run = decode_kernels.decode_step
         self._weight_products = decode_kernels.weight_products_only
+        self._attention = decode_kernels.attention_only
         self._chunks_per_row = decode_kernels.chunks_per_row
 
     def step(
@@ -349,4 +350,15 @@ class CompiledDecoder:
         self._weight_products(
             p.w_qkv, p.w_o, p.w_gate_up, p.w_down, p.lm_head, self._hidden[:rows],
             self._act[:rows], self._qkv[:rows], self._proj[:rows], self._gate_up[:rows], logits,
+        )  # fmt: skip
+
+    def attention_only(
+        self, cache_key: np.ndarray, cache_value: np.ndarray, positions: np.ndarray
+    ) -> None:
+        """Only the attention of a step over slots [0, len(positions)) (a diagnostic)."""
+        a, rows = self.plan.attention, positions.shape[0]
+        self._attention(
+            self._qkv[:rows], positions.astype(np.int64, copy=False), cache_key, cache_value,
+            a.num_heads, a.kv_num_heads, a.head_dim, np.float32(a.scale), a.local_window_size,
+            self.chunk, self._part_max, self._part_sum, self._part_acc, self._attn[:rows],
         )  # fmt: skip

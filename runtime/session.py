@@ -49,9 +49,8 @@ class EngineSession:
         when the engine's graph is one they implement (fp32 weights); None = the
         ENGINESMITH_DECODE_KERNELS environment variable ("1" turns them on). Off by default:
         scripts/compare_decode_kernels.py measures their step ahead of ONNX Runtime's at both
-        bandwidth levels of this machine, but end to end (`enginesmith bench`, 512-token
-        prompt) they only tie, because their attention is no faster than ONNX Runtime's
-        GroupQueryAttention at these context lengths (docs/benchmarks.md). Other steps, and
+        bandwidth levels of this machine, but `enginesmith bench` does not yet compare the
+        two paths end to end in one run (docs/benchmarks.md). Other steps, and
         engines the kernels do not implement, run on ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]

@@ -1,8 +1,8 @@
 """Decode-step time of an engine on ONNX Runtime vs the compiled CPU kernels
 (runtime/decode_kernels.py), side by side in one run, with each one's MatMul floor (the
-step's weight products alone: ONNX Runtime's kernels, runtime/matmul_floor.py, and ours) and
-the read bandwidth measured between repetitions (the host's bandwidth drifts: compare within
-a run).
+step's weight products alone: ONNX Runtime's kernels, runtime/matmul_floor.py, and ours),
+the kernels' attention alone (every layer, same cache and positions), and the read bandwidth
+measured between repetitions (the host's bandwidth drifts: compare within a run).
 
     .venv/bin/python scripts/compare_decode_kernels.py ENGINE_DIR [--context 512] [--steps 64]
         [--runs 3] [--rows 1]
@@ -82,6 +82,10 @@ def main() -> None:
     def kernel_weights_only(rows: int, pos: int) -> object:
         return decoder.weight_products_only(rows)
 
+    def kernel_attention_only(rows: int, pos: int) -> object:
+        positions = np.full(rows, pos)
+        return decoder.attention_only(session.cache_key_all, session.cache_value_all, positions)
+
     kernel_step(1, 0)  # compile (or load the compiled cache)
     floor = MatMulFloor(weight_matmul_shapes(args.engine / manifest["files_by_role"]["model"]))
     samples: dict[str, list[float]] = {"onnxruntime MatMuls": [], "bw": []}
@@ -91,6 +95,7 @@ def main() -> None:
                 ("onnxruntime", ort_step),
                 ("kernels", kernel_step),
                 ("kernel MatMuls", kernel_weights_only),
+                ("kernel attention", kernel_attention_only),
             )
             for name, fn in paths:
                 ms = step_ms(fn, args.context, args.steps, rows)
@@ -112,6 +117,9 @@ def main() -> None:
         if name == "bw":
             continue
         rows = 1 if name == "onnxruntime MatMuls" else int(name.rsplit(" ", 2)[1])
+        if "attention" in name:  # a part of a step: no tokens, no bound
+            print(f"{name:<28} {ms:8.2f}")
+            continue
         share = f"{bound_ms / ms:19.1%}" if rows == 1 else f"{'':>19}"
         print(f"{name:<28} {ms:8.2f} {rows * 1e3 / ms:7.1f} {share}")
     print(
