@@ -11,7 +11,10 @@ One run measures, on the same machine and the same token ids:
 * the same prefill and decode on the model's *unfused* export (runtime/unfused_baseline.py):
   what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights;
 * the MatMul floor (runtime/matmul_floor.py): the engine's weight MatMuls alone, chained, on
-  the same kernels: the fastest decode these kernels allow.
+  ONNX Runtime's kernels: the fastest decode ONNX Runtime's kernels allow;
+* ours decodes on the compiled CPU decode kernels (runtime/decode_kernels.py; opt-in in the
+  runtime, `LLM(..., decode_kernels=True)`); the same engine with its decode steps on ONNX
+  Runtime (the runtime's default) is measured beside it, when the kernels take the engine.
 
 Every measurement is repeated --runs times after one warm-up, ours, unfused and transformers'
 interleaved in each repetition so that machine noise hits all of them. The table goes to stdout, the
@@ -88,6 +91,26 @@ def bound_tokens_per_s(bandwidth_bytes_per_s: float, bytes_per_token: int) -> fl
     if bytes_per_token <= 0:
         raise ValueError(f"bytes_per_token must be > 0 (got {bytes_per_token})")
     return bandwidth_bytes_per_s / bytes_per_token
+
+
+STEADY_TOLERANCE = 0.10  # bracketing bandwidth passes this close: the level held
+
+
+def steady_fractions(
+    decode_tokens_per_s: Sequence[float],
+    brackets: Sequence[tuple[float, float]],
+    bytes_per_token: int,
+    tolerance: float = STEADY_TOLERANCE,
+) -> list[float]:
+    """Decode speed over the bound at the bandwidth measured just before and just after it,
+    for the repetitions whose two measurements agree within TOLERANCE (the host's bandwidth
+    level held through the decode); the faster of the two makes the bound (conservative)."""
+    fractions = []
+    for decode, (before, after) in zip(decode_tokens_per_s, brackets, strict=True):
+        high = max(before, after)
+        if high > 0 and min(before, after) >= (1 - tolerance) * high:
+            fractions.append(decode / bound_tokens_per_s(high, bytes_per_token))
+    return fractions
 
 
 def best_bandwidth(samples: dict[str, list[float]]) -> tuple[str, float]:
@@ -563,8 +586,14 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     )
     bandwidth = {"before": measure_bandwidth()}  # before any model takes memory or cache
 
-    log(f"loading engine {engine_dir}")
-    llm = LLM(engine_dir)
+    log(f"loading engine {engine_dir} (decode steps on the compiled CPU decode kernels)")
+    llm = LLM(engine_dir, decode_kernels=True)  # batch-1 decode: the kernels' case
+    ort_steps = None
+    if llm.session.decoder is None:
+        log(f"no decode kernels for this engine ({llm.session.decoder_unavailable})")
+    else:
+        log("loading the same engine with its decode steps on onnxruntime")
+        ort_steps = LLM(engine_dir, verify_files=False, decode_kernels=False)
     max_seq = llm.max_seq_len
     if args.prefill_tokens >= max_seq or args.decode_prompt_tokens + args.decode_tokens >= max_seq:
         raise InvalidRequestError(
@@ -613,8 +642,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "unfused_prefill": [],
         "unfused_decode": [],
         "matmul_floor_decode": [],
+        "ours_ort_steps_decode": [],
     }
     last: dict[str, Any] = {}
+    brackets: list[tuple[float, float]] = []  # (before, after) our decodes, bytes/s
     for rep in range(args.runs + 1):
         label = "warm-up" if rep == 0 else f"run {rep}/{args.runs}"
         log(f"{label}: prefill {len(prefill_ids)} tokens, decode {args.decode_tokens} tokens")
@@ -622,7 +653,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         p_ours = ours_prefill(llm, prefill_prompt, len(prefill_ids))
         p_unfused = unfused.prefill(prefill_ids) if unfused else None
         p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
+        # Our decodes (~5 s) between two bandwidth samples: which level they ran at.
+        before = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
+        d_ort_steps = (
+            ours_decode(ort_steps, decode_prompt, args.decode_tokens) if ort_steps else None
+        )
+        after = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
         d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
         d_floor = floor.tokens_per_s() if floor else None
         d_peer = (
@@ -630,12 +667,18 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             if peer
             else None
         )
-        last = {"ours": d_ours, "transformers": d_peer, "unfused": d_unfused}
+        last = {
+            "ours": d_ours,
+            "transformers": d_peer,
+            "unfused": d_unfused,
+            "ours_ort_steps": d_ort_steps,
+        }
         if rep == 0:
             continue
         # Other guests on the host share the memory bus and come and go: sampling bandwidth in
         # every repetition shows how contended each one was (the bound uses the best pass).
         bandwidth[f"run {rep}"] = measure_bandwidth(reps=BANDWIDTH_REPS // 2)
+        brackets.append((before, after))
         samples["ours_prefill"].append(p_ours)
         samples["ours_decode"].append(d_ours["wall_tokens_per_s"])
         samples["ours_decode_step_only"].append(d_ours["step_tokens_per_s"])
@@ -644,13 +687,25 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
         if d_floor is not None:
             samples["matmul_floor_decode"].append(d_floor)
+        if d_ort_steps is not None:
+            samples["ours_ort_steps_decode"].append(d_ort_steps["wall_tokens_per_s"])
         if p_unfused is not None and d_unfused is not None:
             samples["unfused_prefill"].append(p_unfused)
             samples["unfused_decode"].append(d_unfused["wall_tokens_per_s"])
 
     bandwidth["after"] = measure_bandwidth()
     return _results(
-        args, argv, engine_dir, llm, peer, prefill_ids, decode_ids, samples, last, bandwidth
+        args,
+        argv,
+        engine_dir,
+        llm,
+        peer,
+        prefill_ids,
+        decode_ids,
+        samples,
+        last,
+        bandwidth,
+        brackets,
     )
 
 
@@ -665,6 +720,7 @@ def _results(
     samples: dict[str, list[float]],
     last: dict[str, Any],
     bandwidth: dict[str, Any],
+    brackets: list[tuple[float, float]],
 ) -> dict[str, Any]:
     """Summaries, ratios and the bandwidth bound from the raw samples."""
     summary = {k: summarize(v) for k, v in samples.items() if v}
@@ -680,6 +736,8 @@ def _results(
         weights["unfused"] = weights["ours"]  # the same fp32 weights, before packing
     if samples.get("matmul_floor_decode"):
         weights["matmul_floor"] = weights["ours"]  # the same shapes (random values)
+    if samples.get("ours_ort_steps_decode"):
+        weights["ours_ort_steps"] = weights["ours"]  # the same engine
     # The host's bandwidth flips between levels: each repetition against the bandwidth sampled
     # right after it, besides the conservative best-pass bound.
     run_bw = [
@@ -691,7 +749,7 @@ def _results(
         return summary[key]["median"] if key in summary else None
 
     impl = {}
-    for name in ("ours", "unfused", "matmul_floor", "transformers"):
+    for name in ("ours", "ours_ort_steps", "unfused", "matmul_floor", "transformers"):
         if name not in weights:
             continue
         bound = bound_tokens_per_s(bw, weights[name].per_token)
@@ -712,8 +770,14 @@ def _results(
             "decode_fraction_of_same_run_bound": summarize(per_run) if per_run else None,
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
+    for name in ("ours", "ours_ort_steps"):
+        if name in impl:
+            steady = steady_fractions(samples[f"{name}_decode"], brackets, weights[name].per_token)
+            impl[name]["decode_fraction_of_steady_bound"] = summarize(steady) if steady else None
+            impl[name]["steady_runs"] = len(steady)
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
     unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
+    ort_steps_tokens = last["ours_ort_steps"]["token_ids"] if last.get("ours_ort_steps") else None
     return {
         "benchmark": "decode-prefill-vs-transformers",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -731,6 +795,11 @@ def _results(
             "decode_prompt_tokens": len(decode_ids),
             "unfused": "plain ONNX export, ORT_ENABLE_ALL, Concat KV cache fed back each step",
             "matmul_floor": "the engine's weight MatMul shapes alone, chained; median of 64 steps",
+            "ours_decode_steps": (
+                "compiled CPU decode kernels"
+                if samples.get("ours_ort_steps_decode")
+                else "onnxruntime (no decode kernels)"
+            ),
             "decode_tokens": args.decode_tokens,
             "prompt_source": "pydoc_data.topics, sorted keys",
             "ours_prefill_timing": "stats.prefill_tokens_per_s (engine calls of the prompt)",
@@ -745,6 +814,8 @@ def _results(
                 phase: best_bandwidth(p["samples_bytes_per_s"])[1] for phase, p in bandwidth.items()
             },
             "phases": bandwidth,
+            "decode_brackets_bytes_per_s": brackets,
+            "steady_tolerance": STEADY_TOLERANCE,
         },
         "implementations": impl,
         "ratios": {
@@ -755,6 +826,8 @@ def _results(
             "fused_vs_unfused_prefill": ratio(med("ours_prefill"), med("unfused_prefill")),
             "fused_vs_unfused_decode": ratio(med("ours_decode"), med("unfused_decode")),
             "fused_vs_matmul_floor_decode": ratio(med("ours_decode"), med("matmul_floor_decode")),
+            "kernels_vs_ort_steps_decode": ratio(med("ours_decode"), med("ours_ort_steps_decode")),
+            "ort_steps_decode": ratio(med("ours_ort_steps_decode"), med("transformers_decode")),
         },
         "greedy_agreement": {
             "tokens_compared": args.decode_tokens,
@@ -764,6 +837,11 @@ def _results(
             "unfused_common_prefix": (
                 common_prefix_len(unfused_tokens, peer_tokens)
                 if peer_tokens and unfused_tokens
+                else None
+            ),
+            "ort_steps_common_prefix": (
+                common_prefix_len(ort_steps_tokens, peer_tokens)
+                if peer_tokens and ort_steps_tokens
                 else None
             ),
         },
@@ -787,8 +865,10 @@ def render(result: dict[str, Any]) -> str:
         "% of bound",
         "% of same-run bound",
     ]
+    kernels = result["implementations"].get("ours_ort_steps") is not None
     labels = {
-        "ours": "enginesmith (fused)",
+        "ours": "enginesmith (fused, decode kernels)" if kernels else "enginesmith (fused)",
+        "ours_ort_steps": "enginesmith (fused, onnxruntime decode)",
         "unfused": "unfused export (onnxruntime)",
         "matmul_floor": "MatMul floor (weights only)",
         "transformers": "transformers (torch)",
@@ -801,6 +881,7 @@ def render(result: dict[str, Any]) -> str:
         same_run = impl.get("decode_fraction_of_same_run_bound")
         prefill_vs, decode_vs = {
             "ours": (r["prefill"], r["decode"]),
+            "ours_ort_steps": (None, r.get("ort_steps_decode")),
             "unfused": (r.get("unfused_prefill"), r.get("unfused_decode")),
             "matmul_floor": (None, None),
             "transformers": (1.0 if peer else None, 1.0 if peer else None),
@@ -837,6 +918,26 @@ def render(result: dict[str, Any]) -> str:
             "fused decode vs the MatMul floor (its own weight MatMuls, nothing else): "
             f"{format_percent(r['fused_vs_matmul_floor_decode'])}"
         )
+    steady = ours.get("decode_fraction_of_steady_bound")
+    if "steady_runs" in ours:
+        alt = result["implementations"].get("ours_ort_steps") or {}
+        alt_steady = alt.get("decode_fraction_of_steady_bound")
+        lines.append(
+            f"runs whose bandwidth held through our decodes (passes just before and after within "
+            f"{bw.get('steady_tolerance', STEADY_TOLERANCE):.0%}): {ours['steady_runs']} of "
+            f"{s['runs']}; decode at that bound: "
+            + (f"{format_cell(_percent_summary(steady))}%" if steady else "-")
+            + (
+                f" (onnxruntime decode {format_cell(_percent_summary(alt_steady))}%)"
+                if alt_steady
+                else ""
+            )
+        )
+    if r.get("kernels_vs_ort_steps_decode") is not None:
+        lines.append(
+            "decode kernels vs onnxruntime decode steps (same engine): "
+            f"{format_ratio(r['kernels_vs_ort_steps_decode'])}"
+        )
     if r.get("fused_vs_unfused_decode") is not None:
         lines.append(
             f"fused vs unfused export: prefill {format_ratio(r['fused_vs_unfused_prefill'])}, "
@@ -852,7 +953,17 @@ def render(result: dict[str, Any]) -> str:
             f"unfused export's greedy tokens identical to transformers: first {unfused_agree} "
             f"of {s['decode_tokens']}"
         )
+    ort_agree = result["greedy_agreement"].get("ort_steps_common_prefix")
+    if ort_agree is not None:
+        lines.append(
+            f"onnxruntime decode steps' greedy tokens identical to transformers: first {ort_agree} "
+            f"of {s['decode_tokens']}"
+        )
     return "\n".join(lines)
+
+
+def _percent_summary(summary: dict[str, Any]) -> dict[str, Any]:
+    return {k: summary[k] * 100 for k in ("median", "min", "max")}
 
 
 def save_results(result: dict[str, Any], json_path: Path | None, prefix: str) -> Path:

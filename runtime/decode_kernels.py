@@ -24,7 +24,11 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from enginesmith.runtime.prefetch import prefetch
+
 ATTENTION_CHUNK = 128  # context positions per attention work item
+PREFETCH_ROWS = 16  # keys named ahead of the one being read (4 KiB of fp32 rows of 64)
+CACHE_LINE_FLOATS = 16
 # fastmath without "nnan"/"ninf": reassociation lets LLVM vectorize the reductions, but the
 # code must keep its comparisons (an empty softmax chunk is tested, not assumed away).
 FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -213,48 +217,52 @@ def _exp_in_place(x, n, bits):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _scores_4(q, keys, start, span, scores):  # type: ignore[no-untyped-def]
-    """scores[0:4, :span] = q[0:4] . keys[start + t]: four query heads per key row read."""
-    q0, q1, q2, q3 = q[0], q[1], q[2], q[3]
+def _scores(q, heads, keys, values, start, span, scores):  # type: ignore[no-untyped-def]
+    """scores[:heads, :span] = q[:heads] . keys[start + t]: every query head of the group per
+    key row read (the row stays in L1 across the heads; a runtime head count costs no more
+    than unrolled heads and pads nothing). Prefetches the key PREFETCH_ROWS ahead and the
+    value row the weighted sum reads next: each run of rows is too short for the hardware's
+    prefetchers, and in a step the weights' stream has pushed the cache out of L3."""
+    last = keys.shape[0] - 1
     for t in range(span):
         key = keys[start + t]
-        s0 = s1 = s2 = s3 = np.float32(0.0)
-        for d in range(key.shape[0]):
-            kv = key[d]
-            s0 += q0[d] * kv
-            s1 += q1[d] * kv
-            s2 += q2[d] * kv
-            s3 += q3[d] * kv
-        scores[0, t], scores[1, t], scores[2, t], scores[3, t] = s0, s1, s2, s3
+        ahead = keys[min(start + t + PREFETCH_ROWS, last)]
+        for c in range(0, key.shape[0], CACHE_LINE_FLOATS):
+            prefetch(ahead, c)
+            prefetch(values[start + t], c)
+        for hh in range(heads):
+            qh = q[hh]
+            s = np.float32(0.0)
+            for d in range(key.shape[0]):
+                s += qh[d] * key[d]
+            scores[hh, t] = s
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _weighted_values_4(scores, values, start, span, acc):  # type: ignore[no-untyped-def]
-    """acc[0:4] = sum_t scores[0:4, t] * values[start + t]: four heads per value row read,
-    four value rows per accumulator update (a quarter of the accumulator's loads and
-    stores). One local accumulator: LLVM vectorizes a loop only while its
-    runtime alias checks stay few."""
+def _weighted_values(scores, heads, values, start, span, acc):  # type: ignore[no-untyped-def]
+    """acc[:heads] = sum_t scores[:heads, t] * values[start + t]: every head per value row
+    read, four value rows per accumulator update (a quarter of the accumulator's loads and
+    stores)."""
     width = values.shape[1]
-    local = np.zeros((4, width), np.float32)
+    acc[:heads] = 0.0
     t = 0
     while t + 4 <= span:
         v0, v1 = values[start + t], values[start + t + 1]
         v2, v3 = values[start + t + 2], values[start + t + 3]
-        for hh in range(4):
+        for hh in range(heads):
             w0, w1, w2, w3 = scores[hh, t], scores[hh, t + 1], scores[hh, t + 2], scores[hh, t + 3]
+            a = acc[hh]
             for d in range(width):
-                local[hh, d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
+                a[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
         t += 4
     while t < span:
         v0 = values[start + t]
-        for hh in range(4):
+        for hh in range(heads):
             w0 = scores[hh, t]
+            a = acc[hh]
             for d in range(width):
-                local[hh, d] += w0 * v0[d]
+                a[d] += w0 * v0[d]
         t += 1
-    for hh in range(4):
-        for d in range(width):
-            acc[hh, d] = local[hh, d]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
@@ -311,7 +319,7 @@ def attention_decode(  # type: ignore[no-untyped-def]
 
     One work item is (row, KV head, chunk of `chunk` keys); only chunks that hold keys become
     items, so both threads get work at any context length. Each item reads its keys and
-    values once for the whole query group, four heads at a time, and leaves its softmax state
+    values once for the whole query group and leaves its softmax state
     (max, sum, unnormalized output) in part_max/part_sum [cap, G] and part_acc [cap, G, H];
     the states of one (row, KV head) are then merged exactly.
     """
@@ -335,40 +343,33 @@ def attention_decode(  # type: ignore[no-untyped-def]
                 item_row[items], item_head[items] = m, g
                 item_start[items], item_stop[items] = begin, min(p + 1, begin + chunk)
                 items += 1
-    blocks = (group + 3) // 4
     for it in prange(items):
         m, g = item_row[it], item_head[it]
         start, span = item_start[it], item_stop[it] - item_start[it]
         keys = cache_k[slot0 + m, g]
         values = cache_v[slot0 + m, g]
-        q = np.zeros((4, head_dim), np.float32)
-        scores = np.empty((4, chunk), np.float32)
-        acc = np.empty((4, head_dim), np.float32)
+        q = np.empty((group, head_dim), np.float32)
+        scores = np.empty((group, chunk), np.float32)
         bits = np.empty(chunk, np.int32)
-        for blk in range(blocks):
-            heads = min(4, group - 4 * blk)
-            for hh in range(heads):  # the block's query heads, pre-scaled (unused rows stay 0)
-                q_off = (g * group + 4 * blk + hh) * head_dim
-                for d in range(head_dim):
-                    q[hh, d] = qkv[m, q_off + d] * scale
-            _scores_4(q, keys, start, span, scores)
-            for hh in range(heads):
-                row = scores[hh]
-                mx = row[0]
-                for t in range(1, span):
-                    mx = max(mx, row[t])
-                for t in range(span):
-                    row[t] -= mx
-                _exp_in_place(row, span, bits)
-                total = np.float32(0.0)
-                for t in range(span):
-                    total += row[t]
-                part_max[it, 4 * blk + hh] = mx
-                part_sum[it, 4 * blk + hh] = total
-            for hh in range(heads, 4):
-                scores[hh, :span] = 0.0
-            _weighted_values_4(scores, values, start, span, acc)
-            part_acc[it, 4 * blk : 4 * blk + heads] = acc[:heads]
+        for hh in range(group):  # the group's query heads, pre-scaled
+            q_off = (g * group + hh) * head_dim
+            for d in range(head_dim):
+                q[hh, d] = qkv[m, q_off + d] * scale
+        _scores(q, group, keys, values, start, span, scores)
+        for hh in range(group):
+            row = scores[hh]
+            mx = row[0]
+            for t in range(1, span):
+                mx = max(mx, row[t])
+            for t in range(span):
+                row[t] -= mx
+            _exp_in_place(row, span, bits)
+            total = np.float32(0.0)
+            for t in range(span):
+                total += row[t]
+            part_max[it, hh] = mx
+            part_sum[it, hh] = total
+        _weighted_values(scores, group, values, start, span, part_acc[it])
     _merge_partials(item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, out)
 
 

@@ -127,6 +127,13 @@ class DecodePlan:
         return _read_plan(graph)
 
 
+def _owned(array: np.ndarray) -> np.ndarray:
+    """A C-contiguous fp32 copy in memory numpy allocated."""
+    out = np.empty(array.shape, np.float32)
+    out[...] = array
+    return out
+
+
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     """One C-contiguous [L, ...] fp32 array (np.stack keeps transposed inputs' memory order)."""
     out = np.empty((len(arrays), *arrays[0].shape), np.float32)
@@ -241,8 +248,12 @@ def _read_plan(graph: _Graph) -> DecodePlan:
         raise DecodePlanUnsupported(f"norms use different epsilons {sorted(eps_seen)}")
     if layers["bias"] and len(layers["bias"]) != len(gqa_nodes):
         raise DecodePlanUnsupported("only some layers have q/k/v biases")
-    embed = graph.array(embed_gather.input[0])
-    lm_head = embed if head.input[1] == embed_gather.input[0] else graph.array(head.input[1])
+    # Copies into numpy's own allocations: numpy backs large ones with transparent huge pages,
+    # the buffers external data is read into are not, and the LM head streams a fifth of a
+    # step's bytes (4 KiB pages cost it TLB misses). A tied head stays one array.
+    embed = _owned(graph.array(embed_gather.input[0]))
+    tied = head.input[1] == embed_gather.input[0]
+    lm_head = embed if tied else _owned(graph.array(head.input[1]))
     if rotary_names is not None:
         cos, sin = graph.array(rotary_names[0]), graph.array(rotary_names[1])
     else:
@@ -250,8 +261,8 @@ def _read_plan(graph: _Graph) -> DecodePlan:
     return DecodePlan(
         attention=attention,
         eps=eps_seen.pop(),
-        embed=np.ascontiguousarray(embed, np.float32),
-        lm_head=np.ascontiguousarray(lm_head, np.float32),
+        embed=embed,
+        lm_head=lm_head,
         w_qkv=_stack(layers["qkv"]),
         b_qkv=_stack(layers["bias"]) if layers["bias"] else np.zeros((0, 0), np.float32),
         w_o=_stack(layers["o"]),

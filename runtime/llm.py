@@ -61,6 +61,7 @@ class LLM:
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
         spin_wait: bool = True,
+        decode_kernels: bool | None = None,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -72,6 +73,10 @@ class LLM:
             synchronous caller (generate/stream); pass False to serve concurrent async callers
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
+        decode_kernels: decode steps of up to 4 rows on compiled CPU kernels instead of ONNX
+            Runtime (CPU fp32 engines). Faster batch-1 generation, slower in-flight serving
+            (docs/benchmarks.md); None = the ENGINESMITH_DECODE_KERNELS variable ("1" = on),
+            off by default. The first run on a machine compiles them (~15 s, cached).
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
@@ -89,7 +94,11 @@ class LLM:
         )
         # ONNX Runtime on CPU (EngineSession) or CUDA, or TensorRT: one step() interface.
         self.session: Any = open_session(
-            self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
+            self.engine_dir,
+            self.manifest,
+            threads=threads,
+            spin_wait=spin_wait,
+            decode_kernels=decode_kernels,
         )
         self.session.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]

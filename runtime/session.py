@@ -20,9 +20,9 @@ from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodeP
 from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 # Decode steps with more rows run on ONNX Runtime: its GEMM reuses each weight tile for many
-# rows, the compiled kernels only stream weights (scripts/compare_decode_kernels.py --rows 1,4,
-# docs/benchmarks.md).
-DECODE_KERNEL_MAX_ROWS = 1
+# rows, the compiled kernels' 4x4 tiles only four times. At 4 rows the two measure level
+# (scripts/compare_decode_kernels.py --rows 1,4, docs/benchmarks.md); wider is unmeasured.
+DECODE_KERNEL_MAX_ROWS = 4
 
 
 def _ort() -> Any:
@@ -46,30 +46,46 @@ class EngineSession:
     ) -> None:
         """DECODE_KERNELS: run decode steps (one new token per row, at most
         DECODE_KERNEL_MAX_ROWS rows) on the compiled CPU kernels of runtime/decode_kernels.py
-        when the engine's graph is one they implement (fp32 weights); None = the
+        when the engine's graph is one they implement (fp32 weights). None = the
         ENGINESMITH_DECODE_KERNELS environment variable ("1" turns them on). Off by default:
-        scripts/compare_decode_kernels.py measures their step ahead of ONNX Runtime's at both
-        bandwidth levels of this machine, but `enginesmith bench` does not yet compare the
-        two paths end to end in one run (docs/benchmarks.md). Other steps, and
-        engines the kernels do not implement, run on ONNX Runtime over the same caches."""
+        `enginesmith bench` measures them ahead of ONNX Runtime's steps for batch-1 decode, but
+        `enginesmith bench --serving` measures in-flight serving slower with them
+        (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
+        ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
         self.num_layers: int = model["num_layers"]
         self.max_batch: int = manifest["max_batch"]
         self.max_seq_len: int = manifest["max_seq_len"]
         self.vocab_size: int = model["vocab_size"]
+        threads = threads or int(os.environ.get("ENGINESMITH_THREADS", "0"))
+        self.decoder: CompiledDecoder | None = None
+        self.decoder_unavailable = "off (decode_kernels=True or ENGINESMITH_DECODE_KERNELS=1)"
+        if decode_kernels is None:
+            decode_kernels = os.environ.get("ENGINESMITH_DECODE_KERNELS", "0") == "1"
+        if decode_kernels:
+            try:
+                plan = DecodePlan.from_engine(engine_dir / manifest["files_by_role"]["model"])
+            except DecodePlanUnsupported as exc:
+                self.decoder_unavailable = str(exc)
+            else:
+                self.decoder = CompiledDecoder(
+                    plan, self.max_batch, self.max_seq_len, threads or os.cpu_count() or 1
+                )
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        threads = threads or int(os.environ.get("ENGINESMITH_THREADS", "0"))
         if threads:
             options.intra_op_num_threads = threads
         options.log_severity_level = 3
         # Shapes change every step (prompt lengths, batch rows): a memory pattern planned per
         # shape costs ~0.4 s on each new prefill length and is never reused.
         options.enable_mem_pattern = False
-        if not spin_wait:
+        if not spin_wait or self.decoder is not None:
             # Spinning ORT workers starve other Python threads (an asyncio server's): measured
             # in-flight serving 102 -> 262 tok/s without it under load, single-stream decode -20%.
+            # They also go on spinning after a run, into the decode kernels' first steps, which
+            # then compete with them for the cores: with the kernels, ONNX Runtime runs the
+            # prompt steps, where spinning buys little.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(engine_dir / manifest["files_by_role"]["model"]),
@@ -84,19 +100,6 @@ class EngineSession:
         self.cache_key = list(self.cache_key_all)
         self.cache_value = list(self.cache_value_all)
         self._bindings: dict[tuple[int, int], Any] = {}
-        self.decoder: CompiledDecoder | None = None
-        self.decoder_unavailable = "off (ENGINESMITH_DECODE_KERNELS=1 turns them on)"
-        if decode_kernels is None:
-            decode_kernels = os.environ.get("ENGINESMITH_DECODE_KERNELS", "0") == "1"
-        if decode_kernels:
-            try:
-                plan = DecodePlan.from_engine(engine_dir / manifest["files_by_role"]["model"])
-            except DecodePlanUnsupported as exc:
-                self.decoder_unavailable = str(exc)
-            else:
-                self.decoder = CompiledDecoder(
-                    plan, self.max_batch, self.max_seq_len, threads or os.cpu_count() or 1
-                )
 
     def warmup(self) -> None:
         """Idle steps of each shape; the first one also compiles the decode kernels (once per

@@ -14,14 +14,25 @@ SESSION_BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
 
 
 def open_session(
-    engine_dir: Path, manifest: dict[str, Any], threads: int | None = None, spin_wait: bool = True
+    engine_dir: Path,
+    manifest: dict[str, Any],
+    threads: int | None = None,
+    spin_wait: bool = True,
+    decode_kernels: bool | None = None,
 ) -> Any:
-    """The session for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT."""
+    """The session for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT
+    (DECODE_KERNELS: see EngineSession; GPU sessions have none)."""
     backend = manifest.get("backend")
     if backend == "onnxruntime":
         from enginesmith.runtime.session import EngineSession
 
-        return EngineSession(engine_dir, manifest, threads=threads, spin_wait=spin_wait)
+        return EngineSession(
+            engine_dir,
+            manifest,
+            threads=threads,
+            spin_wait=spin_wait,
+            decode_kernels=decode_kernels,
+        )
     if backend == "onnxruntime-gpu":
         from enginesmith.runtime.ort_cuda_session import OrtCudaSession
 

@@ -60,6 +60,21 @@ def test_bound_tokens_per_s() -> None:
         bench.bound_tokens_per_s(34e9, 0)
 
 
+def test_steady_fractions_keep_runs_whose_bandwidth_held() -> None:
+    """A run counts only when the passes around it agree within the tolerance; its bound is
+    the faster pass."""
+    gb = 1e9
+    fractions = bench.steady_fractions(
+        [100.0, 100.0, 60.0],
+        [(80 * gb, 85 * gb), (55 * gb, 85 * gb), (54 * gb, 50 * gb)],
+        bytes_per_token=500_000_000,
+    )
+    assert fractions == pytest.approx([100 / 170, 60 / 108])
+    assert bench.steady_fractions([1.0], [(0.0, 0.0)], 1) == []
+    with pytest.raises(ValueError):
+        bench.steady_fractions([1.0, 2.0], [(1.0, 1.0)], 1)
+
+
 def test_best_bandwidth_is_the_fastest_pass_of_any_method() -> None:
     method, bw = bench.best_bandwidth({"numpy": [20e9, 24e9], "torch": [40e9, 77e9], "none": []})
     assert (method, bw) == ("torch", 77e9)
@@ -287,6 +302,35 @@ def test_render_with_transformers() -> None:
     assert "fused vs unfused export: prefill 2.00x, decode 1.36x" in out
     assert any(line.startswith("transformers") for line in out.splitlines())
     assert "first 200 of 256" in out and "unfused export's greedy tokens" in out
+
+
+def test_render_names_both_decode_paths() -> None:
+    """With decode kernels, the same engine's onnxruntime decode steps get a row of their own
+    and the ratio of the two paths is printed."""
+    result = _result(with_peer=True)
+    result["implementations"]["ours_ort_steps"] = {
+        "prefill_tokens_per_s": None,
+        "decode_tokens_per_s": bench.summarize([60.0, 61.0, 62.0]),
+        "weights": {"bytes_per_token": 538_060_032},
+        "bound_tokens_per_s": 143.0,
+        "decode_fraction_of_bound": 61.0 / 143.0,
+    }
+    result["ratios"]["kernels_vs_ort_steps_decode"] = 68.0 / 61.0
+    result["ratios"]["ort_steps_decode"] = 61.0 / 32.0
+    result["greedy_agreement"]["ort_steps_common_prefix"] = 256
+    result["implementations"]["ours"]["steady_runs"] = 2
+    result["implementations"]["ours"]["decode_fraction_of_steady_bound"] = bench.summarize(
+        [0.8, 0.9]
+    )
+    out = bench.render(result)
+    lines = out.splitlines()
+    assert any(line.startswith("enginesmith (fused, decode kernels)") for line in lines)
+    ort_row = next(line for line in lines if line.startswith("enginesmith (fused, onnxruntime"))
+    assert "61.0 [60.0-62.0]" in ort_row and "1.91x" in ort_row and "42.7%" in ort_row
+    assert "decode kernels vs onnxruntime decode steps (same engine): 1.11x" in out
+    assert "onnxruntime decode steps' greedy tokens identical to transformers: first 256" in out
+    steady = next(line for line in out.splitlines() if line.startswith("runs whose bandwidth"))
+    assert "2 of 3" in steady and "85.0 [80.0-90.0]%" in steady and "onnxruntime" not in steady
 
 
 def test_render_without_transformers() -> None:

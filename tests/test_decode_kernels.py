@@ -78,6 +78,19 @@ def test_decode_step_matches_onnxruntime(tiny_engine, preset: str) -> None:
         lengths = [n + v for n, v in zip(lengths, valid, strict=True)]
 
 
+@pytest.mark.parametrize("preset", ("tiny-llama", "tiny-qwen2"))
+def test_long_contexts_merge_chunks_exactly(tiny_engine, preset: str) -> None:
+    """Contexts of several ATTENTION_CHUNK-key chunks (a partial last one included): the
+    split-K softmax states of one KV head are merged as ONNX Runtime's one-pass softmax."""
+    from enginesmith.runtime.decode_kernels import ATTENTION_CHUNK
+
+    lengths = [2 * ATTENTION_CHUNK + 37, ATTENTION_CHUNK, 3]
+    session = prefilled_session(tiny_engine(preset), lengths)
+    logit_diff, cache_diff = kernels_vs_ort(session, [11, 7, 19], lengths, [1, 1, 1])
+    assert logit_diff < LOGITS_RTOL, (preset, logit_diff)
+    assert cache_diff < 1e-5, (preset, cache_diff)
+
+
 def test_idle_row_leaves_its_cache_alone(tiny_engine) -> None:
     session = prefilled_session(tiny_engine("tiny-llama"), [6, 6])
     before = session.cache_key_all[:, 1].copy()
@@ -97,8 +110,8 @@ def test_idle_row_leaves_its_cache_alone(tiny_engine) -> None:
 @pytest.mark.parametrize("preset", TINY_PRESETS)
 def test_greedy_decode_equals_transformers(tiny_engine, hf_models, monkeypatch, preset) -> None:  # type: ignore[no-untyped-def]
     """Batch-1 generation (every decode step on the kernels) gives transformers' tokens."""
-    monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "1")
-    llm = LLM(tiny_engine(preset))
+    monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
+    llm = LLM(tiny_engine(preset), decode_kernels=True)
     assert llm.session.decoder is not None
     loaded = hf_models(preset)
     for prompt in PROMPTS:
@@ -116,11 +129,39 @@ def test_quantized_engine_is_refused_with_the_node(tiny_engine) -> None:
 
 def test_kernels_are_off_unless_asked(tiny_engine, monkeypatch) -> None:
     engine = tiny_engine("tiny-llama")
+    manifest = read_manifest(engine)
     monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
-    session = EngineSession(engine, read_manifest(engine))
+    session = EngineSession(engine, manifest)
     assert session.decoder is None and "ENGINESMITH_DECODE_KERNELS=1" in session.decoder_unavailable
+    assert EngineSession(engine, manifest, decode_kernels=True).decoder is not None
     monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "1")
-    assert EngineSession(engine, read_manifest(engine)).decoder is not None
+    assert EngineSession(engine, manifest).decoder is not None
+    assert EngineSession(engine, manifest, decode_kernels=False).decoder is None
+
+
+def test_steps_of_up_to_max_rows_run_on_the_kernels(tiny_engine) -> None:
+    """Decode steps of 1..DECODE_KERNEL_MAX_ROWS rows take the kernels, wider ones and prompt
+    steps ONNX Runtime (counted through the decoder's step)."""
+    from enginesmith.runtime.session import DECODE_KERNEL_MAX_ROWS
+
+    engine = tiny_engine("tiny-llama", max_batch=DECODE_KERNEL_MAX_ROWS + 1)
+    session = prefilled_session(engine, [3] * (DECODE_KERNEL_MAX_ROWS + 1))
+    assert session.decoder is not None
+    calls: list[int] = []
+    kernel_step = session.decoder.step
+
+    def counted_step(*args):  # type: ignore[no-untyped-def]
+        calls.append(len(args[3]))  # input_ids: one per row
+        return kernel_step(*args)
+
+    session.decoder.step = counted_step  # type: ignore[method-assign]
+    for rows in (1, DECODE_KERNEL_MAX_ROWS, DECODE_KERNEL_MAX_ROWS + 1):
+        ids = np.full((rows, 1), 5)
+        pos = np.full((rows, 1), 3)
+        session.step(
+            0, ids, pos, np.full(rows, 3, np.int32), np.ones(rows, np.int32), np.arange(rows)
+        )
+    assert calls == [1, DECODE_KERNEL_MAX_ROWS]
 
 
 def test_decoder_reads_the_windowed_span_only(tiny_engine) -> None:
