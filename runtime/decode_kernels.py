@@ -217,10 +217,10 @@ def _exp_in_place(x, n, bits):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _scores(q, heads, keys, values, start, span, scores):  # type: ignore[no-untyped-def]
-    """scores[:heads, :span] = q[:heads] . keys[start + t]: every query head of the group per
-    key row read (the row stays in L1 across the heads; a runtime head count costs no more
-    than unrolled heads and pads nothing). Prefetches the key PREFETCH_ROWS ahead and the
+def _scores(q, keys, values, start, span, scores):  # type: ignore[no-untyped-def]
+    """scores[:, :span] = q . keys[start + t] for every query head of the group (the rows of
+    q) per key row read (the row stays in L1 across the heads; the group is not padded).
+    Prefetches the key PREFETCH_ROWS ahead and the
     value row the weighted sum reads next: each run of rows is too short for the hardware's
     prefetchers, and in a step the weights' stream has pushed the cache out of L3."""
     last = keys.shape[0] - 1
@@ -230,7 +230,7 @@ def _scores(q, heads, keys, values, start, span, scores):  # type: ignore[no-unt
         for c in range(0, key.shape[0], CACHE_LINE_FLOATS):
             prefetch(ahead, c)
             prefetch(values[start + t], c)
-        for hh in range(heads):
+        for hh in range(q.shape[0]):
             qh = q[hh]
             s = np.float32(0.0)
             for d in range(key.shape[0]):
@@ -239,12 +239,13 @@ def _scores(q, heads, keys, values, start, span, scores):  # type: ignore[no-unt
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _weighted_values(scores, heads, values, start, span, acc):  # type: ignore[no-untyped-def]
-    """acc[:heads] = sum_t scores[:heads, t] * values[start + t]: every head per value row
-    read, four value rows per accumulator update (a quarter of the accumulator's loads and
-    stores)."""
+def _weighted_values(scores, values, start, span, acc):  # type: ignore[no-untyped-def]
+    """acc = sum_t scores[:, t] * values[start + t] for every head of the group (the rows of
+    acc) per value row read, four value rows per accumulator update (a quarter of the
+    accumulator's loads and stores)."""
     width = values.shape[1]
-    acc[:heads] = 0.0
+    heads = acc.shape[0]
+    acc[:, :] = 0.0
     t = 0
     while t + 4 <= span:
         v0, v1 = values[start + t], values[start + t + 1]
@@ -355,7 +356,7 @@ def attention_decode(  # type: ignore[no-untyped-def]
             q_off = (g * group + hh) * head_dim
             for d in range(head_dim):
                 q[hh, d] = qkv[m, q_off + d] * scale
-        _scores(q, group, keys, values, start, span, scores)
+        _scores(q, keys, values, start, span, scores)
         for hh in range(group):
             row = scores[hh]
             mx = row[0]
@@ -369,7 +370,7 @@ def attention_decode(  # type: ignore[no-untyped-def]
                 total += row[t]
             part_max[it, hh] = mx
             part_sum[it, hh] = total
-        _weighted_values(scores, group, values, start, span, part_acc[it])
+        _weighted_values(scores, values, start, span, part_acc[it])
     _merge_partials(item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, out)
 
 

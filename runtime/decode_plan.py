@@ -248,9 +248,9 @@ def _read_plan(graph: _Graph) -> DecodePlan:
         raise DecodePlanUnsupported(f"norms use different epsilons {sorted(eps_seen)}")
     if layers["bias"] and len(layers["bias"]) != len(gqa_nodes):
         raise DecodePlanUnsupported("only some layers have q/k/v biases")
-    # Copies into numpy's own allocations: numpy backs large ones with transparent huge pages,
-    # the buffers external data is read into are not, and the LM head streams a fifth of a
-    # step's bytes (4 KiB pages cost it TLB misses). A tied head stays one array.
+    # Copies into numpy's own allocations: numpy backs large ones with transparent huge pages
+    # (fewer TLB misses), the buffers external data is read into are not, and the LM head
+    # streams a fifth of a step's bytes. A tied head stays one array.
     embed = _owned(graph.array(embed_gather.input[0]))
     tied = head.input[1] == embed_gather.input[0]
     lm_head = embed if tied else _owned(graph.array(head.input[1]))

@@ -20,8 +20,9 @@ from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodeP
 from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 # Decode steps with more rows run on ONNX Runtime: its GEMM reuses each weight tile for many
-# rows, the compiled kernels' 4x4 tiles only four times. At 4 rows the two measure level
-# (scripts/compare_decode_kernels.py --rows 1,4, docs/benchmarks.md); wider is unmeasured.
+# rows, the compiled kernels' 4x4 tiles only four times. At 4 rows the kernels measure level
+# with it or ahead (scripts/compare_decode_kernels.py --rows 1,4, docs/benchmarks.md); wider
+# is unmeasured.
 DECODE_KERNEL_MAX_ROWS = 4
 
 
@@ -83,9 +84,8 @@ class EngineSession:
         if not spin_wait or self.decoder is not None:
             # Spinning ORT workers starve other Python threads (an asyncio server's): measured
             # in-flight serving 102 -> 262 tok/s without it under load, single-stream decode -20%.
-            # They also go on spinning after a run, into the decode kernels' first steps, which
-            # then compete with them for the cores: with the kernels, ONNX Runtime runs the
-            # prompt steps, where spinning buys little.
+            # They also go on spinning after a run, into the decode kernels' next steps, which
+            # then take almost twice as long (scripts/compare_decode_kernels.py, last line).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(
             str(engine_dir / manifest["files_by_role"]["model"]),
@@ -129,6 +129,12 @@ class EngineSession:
             self._bindings[key] = binding
         return self._bindings[key]
 
+    def runs_on_kernels(self, input_ids: np.ndarray) -> bool:
+        """Whether a step of these [n, S] input ids runs on the decode kernels: a decode step
+        (S = 1) of at most DECODE_KERNEL_MAX_ROWS rows, with the kernels on."""
+        rows, width = input_ids.shape
+        return self.decoder is not None and width == 1 and rows <= DECODE_KERNEL_MAX_ROWS
+
     def step(
         self,
         start: int,
@@ -141,7 +147,8 @@ class EngineSession:
         """Run slots [start, start + n); return logits [m, vocab]."""
         rows = input_ids.shape[0]
         check_slot_range(start, rows, self.max_batch)
-        if self.decoder is not None and input_ids.shape[1] == 1 and rows <= DECODE_KERNEL_MAX_ROWS:
+        if self.runs_on_kernels(input_ids):
+            assert self.decoder is not None
             positions = np.where(np.asarray(query_seqlens) > 0, np.asarray(seqlens_k), -1)
             return self.decoder.step(
                 self.cache_key_all,

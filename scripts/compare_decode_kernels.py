@@ -1,8 +1,9 @@
 """Decode-step time of an engine on ONNX Runtime vs the compiled CPU kernels
 (runtime/decode_kernels.py), side by side in one run, with each one's MatMul floor (the
 step's weight products alone: ONNX Runtime's kernels, runtime/matmul_floor.py, and ours),
-the kernels' attention alone (every layer, same cache and positions), and the read bandwidth
-measured between repetitions (the host's bandwidth drifts: compare within a run).
+the kernels' attention alone (every layer, same cache and positions), the kernels' first
+steps right after a prompt step on a spinning and on a non-spinning ONNX Runtime, and the read
+bandwidth measured between repetitions (the host's bandwidth drifts: compare within a run).
 
     .venv/bin/python scripts/compare_decode_kernels.py ENGINE_DIR [--context 512] [--steps 64]
         [--runs 3] [--rows 1]
@@ -28,6 +29,9 @@ from enginesmith.compiler.presets import cache_dir
 from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth
 from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
 from enginesmith.runtime.session import EngineSession
+
+PROMPT_TOKENS = 256  # the prompt step before STEPS_AFTER_PROMPT kernel steps
+STEPS_AFTER_PROMPT = 4
 
 
 def step_ms(step: Callable[[int, int], object], context: int, steps: int, rows: int) -> float:
@@ -89,9 +93,25 @@ def main() -> None:
         positions = np.full(rows, pos)
         return decoder.attention_only(kernels.cache_key_all, kernels.cache_value_all, positions)
 
+    def steps_after_prompt_ms(ort: EngineSession) -> float:
+        """ms of STEPS_AFTER_PROMPT 1-row kernel steps right after a PROMPT_TOKENS prompt step
+        on ORT's session (into the last slot, which 1-row steps do not read): what ORT's
+        worker threads, spinning on after the run or not, take from the kernels."""
+        slot, n = ort.max_batch - 1, PROMPT_TOKENS
+        last = np.array([n - 1])
+        ort.step(slot, np.full((1, n), 7), np.arange(n)[None], last.astype(np.int32),
+                 np.array([n], np.int32), last)  # fmt: skip
+        t = time.perf_counter()
+        for i in range(STEPS_AFTER_PROMPT):
+            kernel_step(1, args.context + i)
+        return (time.perf_counter() - t) * 1e3
+
     kernel_step(1, 0)  # compile (or load the compiled cache)
     floor = MatMulFloor(weight_matmul_shapes(args.engine / manifest["files_by_role"]["model"]))
     samples: dict[str, list[float]] = {"onnxruntime MatMuls": [], "bw": []}
+    # ORT spinning: `session` (kernels off, as the runtime's default); not: `kernels` (with the
+    # kernels on, its ONNX Runtime does not spin, runtime/session.py).
+    after_prompt: dict[str, list[float]] = {"ORT spinning": [], "ORT not spinning": []}
     for run in range(args.runs):
         for rows in row_counts:
             paths = (
@@ -103,6 +123,10 @@ def main() -> None:
             for name, fn in paths:
                 ms = step_ms(fn, args.context, args.steps, rows)
                 samples.setdefault(f"{name} {rows} row(s)", []).append(ms)
+        if session.max_batch > 1:
+            for label, ort in (("ORT spinning", session), ("ORT not spinning", kernels)):
+                trials = [steps_after_prompt_ms(ort) for _ in range(5)]
+                after_prompt[label].append(float(np.median(trials)))
         samples["onnxruntime MatMuls"].append(1e3 / floor.tokens_per_s())
         samples["bw"].append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
         print(
@@ -129,9 +153,21 @@ def main() -> None:
         f"bound: {(floor.weight_bytes + kv_bytes) / 1e6:.0f} MB per token (weights + mean KV read) "
         f"at {med['bw'] / 1e9:.1f} GB/s = {bound_ms:.2f} ms"
     )
+    if after_prompt["ORT spinning"]:
+        alone = med.get("kernels 1 row(s)")
+        print(
+            f"{STEPS_AFTER_PROMPT} kernel steps (1 row) right after a {PROMPT_TOKENS}-token prompt "
+            "step on ONNX Runtime: "
+            + ", ".join(f"{k} {np.median(v):.2f} ms" for k, v in after_prompt.items())
+            + (f" (the same steps alone: {STEPS_AFTER_PROMPT * alone:.2f} ms)" if alone else "")
+        )
     out = cache_dir() / "bench" / time.strftime("decode-kernels-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"args": vars(args) | {"engine": str(args.engine)}, "samples": samples}
+    record = {
+        "args": vars(args) | {"engine": str(args.engine)},
+        "samples": samples,
+        "steps_after_prompt_ms": after_prompt,
+    }
     out.write_text(json.dumps(record | {"median": med, "bound_ms": bound_ms}, indent=2) + "\n")
     print(f"JSON: {out}")
 

@@ -51,15 +51,14 @@ def main() -> None:
         out = step(start, input_ids, *rest)
         elapsed = time.perf_counter() - t
         rows, width = input_ids.shape
-        decode = width == 1
-        kernels = decode and session.decoder is not None and rows <= DECODE_KERNEL_MAX_ROWS
-        key = (
-            "kernels" if kernels else "onnxruntime",
-            "decode" if decode else "prompt",
-            (str(rows) if rows <= DECODE_KERNEL_MAX_ROWS else f">{DECODE_KERNEL_MAX_ROWS}")
-            if decode
-            else "any",
-        )
+        if width > 1:
+            rows_label = "any"
+        elif rows <= DECODE_KERNEL_MAX_ROWS:
+            rows_label = str(rows)
+        else:
+            rows_label = f">{DECODE_KERNEL_MAX_ROWS}"
+        path = "kernels" if session.runs_on_kernels(input_ids) else "onnxruntime"
+        key = (path, "decode" if width == 1 else "prompt", rows_label)
         totals[key][0] += 1
         totals[key][1] += elapsed
         return out
