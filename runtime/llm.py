@@ -74,7 +74,8 @@ class LLM:
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
         decode_kernels: decode steps of up to 4 rows on compiled CPU kernels instead of ONNX
-            Runtime (CPU fp32 engines). Faster batch-1 generation, slower in-flight serving
+            Runtime (CPU fp32 engines). Faster single-stream generation and static batching,
+            level in-flight serving, slower steps when a second thread launches them
             (docs/benchmarks.md); None = the ENGINESMITH_DECODE_KERNELS variable ("1" = on),
             off by default. The first run on a machine compiles them (~15 s, cached).
         """

@@ -26,6 +26,17 @@ from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, war
 DECODE_KERNEL_MAX_ROWS = 4
 
 
+def resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
+    """fp32 zeros whose every page is already backed by memory. np.zeros maps pages lazily, so
+    the cache's first writes fault them in during serving steps: on this VM a first touch
+    sometimes runs at ~0.5 GB/s instead of ~23 (the host backs the page then), which made
+    early in-flight steps up to 18x slower (scripts/first_touch.py measures it). Paying
+    that at load keeps it out of request latency."""
+    out = np.empty(shape, np.float32)
+    out.fill(0.0)
+    return out
+
+
 def _ort() -> Any:
     try:
         import onnxruntime
@@ -49,9 +60,10 @@ class EngineSession:
         DECODE_KERNEL_MAX_ROWS rows) on the compiled CPU kernels of runtime/decode_kernels.py
         when the engine's graph is one they implement (fp32 weights). None = the
         ENGINESMITH_DECODE_KERNELS environment variable ("1" turns them on). Off by default:
-        `enginesmith bench` measures them ahead of ONNX Runtime's steps for batch-1 decode, but
-        `enginesmith bench --serving` measures in-flight serving slower with them
-        (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
+        `enginesmith bench` and `bench --serving` measure them ahead of ONNX Runtime's steps
+        for single-stream decode and static batching and level for in-flight serving, but
+        steps launched from a second thread (an asyncio server's engine thread after a
+        warm-up on the main thread) are ~1.5x slower (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
         ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
@@ -81,12 +93,15 @@ class EngineSession:
         # Shapes change every step (prompt lengths, batch rows): a memory pattern planned per
         # shape costs ~0.4 s on each new prefill length and is never reused.
         options.enable_mem_pattern = False
-        if not spin_wait or self.decoder is not None:
+        if not spin_wait:
             # Spinning ORT workers starve other Python threads (an asyncio server's): measured
             # in-flight serving 102 -> 262 tok/s without it under load, single-stream decode -20%.
-            # They also go on spinning after a run, into the decode kernels' next steps, which
-            # then take almost twice as long (scripts/compare_decode_kernels.py, last line).
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        elif self.decoder is not None:
+            # Workers that spin on after a run take a core from the decode kernels' next steps,
+            # which then take ~1.7x as long (scripts/compare_decode_kernels.py, last line): spin
+            # within a run, stop at its end.
+            options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(
             str(engine_dir / manifest["files_by_role"]["model"]),
             options,
@@ -95,8 +110,8 @@ class EngineSession:
         kv_shape = (self.max_batch, model["num_kv_heads"], self.max_seq_len, model["head_dim"])
         # [layers, max_batch, kv_heads, max_seq_len, head_dim] per kind, allocated once; layer i
         # is the contiguous view cache_key[i] that ONNX Runtime binds.
-        self.cache_key_all = np.zeros((self.num_layers, *kv_shape), np.float32)
-        self.cache_value_all = np.zeros((self.num_layers, *kv_shape), np.float32)
+        self.cache_key_all = resident_zeros((self.num_layers, *kv_shape))
+        self.cache_value_all = resident_zeros((self.num_layers, *kv_shape))
         self.cache_key = list(self.cache_key_all)
         self.cache_value = list(self.cache_value_all)
         self._bindings: dict[tuple[int, int], Any] = {}

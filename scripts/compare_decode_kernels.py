@@ -2,8 +2,10 @@
 (runtime/decode_kernels.py), side by side in one run, with each one's MatMul floor (the
 step's weight products alone: ONNX Runtime's kernels, runtime/matmul_floor.py, and ours),
 the kernels' attention alone (every layer, same cache and positions), the kernels' first
-steps right after a prompt step on a spinning and on a non-spinning ONNX Runtime, and the read
-bandwidth measured between repetitions (the host's bandwidth drifts: compare within a run).
+steps right after a prompt step on an ONNX Runtime that spins on after its runs and on one that
+stops spinning at the end of each run (the runtime's setting with the kernels on), the
+kernels' steps launched from a second thread after the main thread, and the read bandwidth
+measured between repetitions (the host's bandwidth drifts: compare within a run).
 
     .venv/bin/python scripts/compare_decode_kernels.py ENGINE_DIR [--context 512] [--steps 64]
         [--runs 3] [--rows 1]
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +47,20 @@ def step_ms(step: Callable[[int, int], object], context: int, steps: int, rows: 
     return float(np.median(times[2:])) * 1e3
 
 
+def second_thread_ms(timed: Callable[[], float]) -> dict[str, float]:
+    """TIMED() on the main thread, then on a second thread: the way an asyncio server's engine
+    thread steps a session that the main thread warmed up. numba's OpenMP layer gives each
+    launching thread a team of its own, and libgomp (one copy per process, shared with torch)
+    stops spinning between parallel regions once its teams hold more threads than there are
+    cores; a step has ~150 regions."""
+    results = {"main thread": timed()}
+    worker = threading.Thread(target=lambda: results.__setitem__("second thread", timed()))
+    worker.start()
+    worker.join()
+    results["main thread again"] = timed()
+    return results
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
@@ -60,8 +77,9 @@ def main() -> None:
         p.error("--rows, --runs and --context must be >= 1 and --steps >= 3 (2 are warm-up)")
 
     manifest = read_manifest(args.engine, verify_hashes=False)
-    # Two sessions over equal random caches: with the kernels on, a session's ONNX Runtime does
-    # not spin between runs (runtime/session.py), which would slow its decode steps here.
+    # Two sessions over equal random caches: the ONNX Runtime rows run on the runtime's default
+    # session (kernels off, workers spinning on between runs); with the kernels on, a session's
+    # ONNX Runtime stops spinning at the end of each run (runtime/session.py).
     session = EngineSession(args.engine, manifest, decode_kernels=False)
     kernels = EngineSession(args.engine, manifest, decode_kernels=True)
     decoder = kernels.decoder
@@ -96,7 +114,7 @@ def main() -> None:
     def steps_after_prompt_ms(ort: EngineSession) -> float:
         """ms of STEPS_AFTER_PROMPT 1-row kernel steps right after a PROMPT_TOKENS prompt step
         on ORT's session (into the last slot, which 1-row steps do not read): what ORT's
-        worker threads, spinning on after the run or not, take from the kernels."""
+        worker threads, spinning on after the run or stopping at its end, take from the kernels."""
         slot, n = ort.max_batch - 1, PROMPT_TOKENS
         last = np.array([n - 1])
         ort.step(slot, np.full((1, n), 7), np.arange(n)[None], last.astype(np.int32),
@@ -109,9 +127,9 @@ def main() -> None:
     kernel_step(1, 0)  # compile (or load the compiled cache)
     floor = MatMulFloor(weight_matmul_shapes(args.engine / manifest["files_by_role"]["model"]))
     samples: dict[str, list[float]] = {"onnxruntime MatMuls": [], "bw": []}
-    # ORT spinning: `session` (kernels off, as the runtime's default); not: `kernels` (with the
-    # kernels on, its ONNX Runtime does not spin, runtime/session.py).
-    after_prompt: dict[str, list[float]] = {"ORT spinning": [], "ORT not spinning": []}
+    # Spinning on: `session` (kernels off, the runtime's default); stopping: `kernels` (with the
+    # kernels on, its ONNX Runtime stops spinning at the end of each run, runtime/session.py).
+    after_prompt: dict[str, list[float]] = {"ORT spinning on": [], "ORT stops spinning": []}
     for run in range(args.runs):
         for rows in row_counts:
             paths = (
@@ -124,7 +142,7 @@ def main() -> None:
                 ms = step_ms(fn, args.context, args.steps, rows)
                 samples.setdefault(f"{name} {rows} row(s)", []).append(ms)
         if session.max_batch > 1:
-            for label, ort in (("ORT spinning", session), ("ORT not spinning", kernels)):
+            for label, ort in (("ORT spinning on", session), ("ORT stops spinning", kernels)):
                 trials = [steps_after_prompt_ms(ort) for _ in range(5)]
                 after_prompt[label].append(float(np.median(trials)))
         samples["onnxruntime MatMuls"].append(1e3 / floor.tokens_per_s())
@@ -153,7 +171,7 @@ def main() -> None:
         f"bound: {(floor.weight_bytes + kv_bytes) / 1e6:.0f} MB per token (weights + mean KV read) "
         f"at {med['bw'] / 1e9:.1f} GB/s = {bound_ms:.2f} ms"
     )
-    if after_prompt["ORT spinning"]:
+    if after_prompt["ORT spinning on"]:
         alone = med.get("kernels 1 row(s)")
         print(
             f"{STEPS_AFTER_PROMPT} kernel steps (1 row) right after a {PROMPT_TOKENS}-token prompt "
@@ -161,12 +179,20 @@ def main() -> None:
             + ", ".join(f"{k} {np.median(v):.2f} ms" for k, v in after_prompt.items())
             + (f" (the same steps alone: {STEPS_AFTER_PROMPT * alone:.2f} ms)" if alone else "")
         )
+    # Last, since launching from several threads leaves numba's OpenMP runtime with several
+    # teams for the rest of the process.
+    threads_ms = second_thread_ms(lambda: step_ms(kernel_step, args.context, args.steps, 1))
+    print(
+        "1-row kernel steps launched from the main thread, then from a second thread: "
+        + ", ".join(f"{k} {v:.2f} ms" for k, v in threads_ms.items())
+    )
     out = cache_dir() / "bench" / time.strftime("decode-kernels-%Y%m%d-%H%M%S.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "args": vars(args) | {"engine": str(args.engine)},
         "samples": samples,
         "steps_after_prompt_ms": after_prompt,
+        "second_thread_ms": threads_ms,
     }
     out.write_text(json.dumps(record | {"median": med, "bound_ms": bound_ms}, indent=2) + "\n")
     print(f"JSON: {out}")
