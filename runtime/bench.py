@@ -12,9 +12,9 @@ One run measures, on the same machine and the same token ids:
   what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights;
 * the MatMul floor (runtime/matmul_floor.py): the engine's weight MatMuls alone, chained, on
   ONNX Runtime's kernels: the fastest decode ONNX Runtime's kernels allow;
-* ours decodes on the compiled CPU decode kernels (runtime/decode_kernels.py; opt-in in the
-  runtime, `LLM(..., decode_kernels=True)`); the same engine with its decode steps on ONNX
-  Runtime (the runtime's default) is measured beside it, when the kernels take the engine.
+* ours decodes on the compiled CPU decode kernels (runtime/decode_kernels.py; the runtime's
+  default); the same engine with its decode steps on ONNX Runtime (`LLM(...,
+  decode_kernels=False)`) is measured beside it, when the kernels take the engine.
 
 Every measurement is repeated --runs times after one warm-up, ours, unfused and transformers'
 interleaved in each repetition so that machine noise hits all of them. The table goes to stdout, the

@@ -7,12 +7,16 @@ product) costs a quarter of the step on this machine (docs/benchmarks.md, issue 
 kernels are compiled by numba (LLVM, the host's vector ISA) into one function per model shape:
 
 * weight products stream each weight row once for all rows of the step (weights stored
-  [N, K], as the LM head already is), split over threads by contiguous row ranges;
+  [N, K], as the LM head already is), one contiguous segment of rows per thread;
 * attention is split-K flash decoding: each (row, KV head, context chunk) work item reads its
   keys and values once for all query heads of the group, and the partial softmax states are
   merged exactly (the FlashAttention plugin contract, plugins/flash_attention/schema.py);
 * RMSNorm, residual adds, rotary, the cache write and SiLU(gate) * up run between them in the
-  same compiled code: no per-op dispatch.
+  same compiled code: no per-op dispatch;
+* the whole step is ONE parallel region (decode_step): its threads go through the phases in
+  order, sharing each weight product and the attention items out through atomic counters
+  (runtime/atomics.py) and waiting for a phase's last chunk, instead of an OpenMP fork and
+  join per product (~150 a step, each a futex wake-up once libgomp stops spinning).
 
 Prefill and mixed steps stay on ONNX Runtime; both share the same KV buffers.
 """
@@ -24,11 +28,15 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from enginesmith.runtime.atomics import atomic_add, atomic_load
 from enginesmith.runtime.prefetch import prefetch
 
 ATTENTION_CHUNK = 128  # context positions per attention work item
 PREFETCH_ROWS = 16  # keys named ahead of the one being read (4 KiB of fp32 rows of 64)
 CACHE_LINE_FLOATS = 16
+CHUNKS_PER_THREAD = 8  # claims per thread's segment of a weight product (stealing granularity)
+PHASES_PER_LAYER = 10
+SYNC_STRIDE = 8  # int64s per cache line: each phase counter on a line of its own
 # fastmath without "nnan"/"ninf": reassociation lets LLVM vectorize the reductions, but the
 # code must keep its comparisons (an empty softmax chunk is tested, not assumed away).
 FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
@@ -81,30 +89,6 @@ def _dot_4x4(x, m, w, j, out):  # type: ignore[no-untyped-def]
     out[m + 1, j], out[m + 1, j + 1], out[m + 1, j + 2], out[m + 1, j + 3] = c10, c11, c12, c13
     out[m + 2, j], out[m + 2, j + 1], out[m + 2, j + 2], out[m + 2, j + 3] = c20, c21, c22, c23
     out[m + 3, j], out[m + 3, j + 1], out[m + 3, j + 2], out[m + 3, j + 3] = c30, c31, c32, c33
-
-
-@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
-def matmul_nk(x, w, out):  # type: ignore[no-untyped-def]
-    """out[M, N] = x[M, K] @ w[N, K]^T. Each thread streams a contiguous range of 8-row weight
-    blocks once for all M rows: 4x4 tiles for each four rows, 1x8 for the rest."""
-    rows = x.shape[0]
-    n_total = w.shape[0]
-    for b in prange(n_total // 8):
-        j = b * 8
-        m = 0
-        while m + 4 <= rows:
-            _dot_4x4(x, m, w, j, out)
-            _dot_4x4(x, m, w, j + 4, out)
-            m += 4
-        while m < rows:
-            _dot_1x8(x, m, w, j, out)
-            m += 1
-    for j in range(n_total - n_total % 8, n_total):
-        for m in range(rows):
-            acc = np.float32(0.0)
-            for k in range(x.shape[1]):
-                acc += x[m, k] * w[j, k]
-            out[m, j] = acc
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
@@ -298,6 +282,68 @@ def _merge_partials(  # type: ignore[no-untyped-def]
         first_item = end
 
 
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _attention_items(  # type: ignore[no-untyped-def]
+    positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
+):
+    """The step's attention work items: one per (row, KV head, chunk of `chunk` keys) that
+    holds keys (idle rows, position -1, have none). Returns their number."""
+    items = 0
+    for m in range(positions.shape[0]):
+        p = positions[m]
+        if p < 0:
+            continue
+        first = 0 if window < 0 else max(0, p - window + 1)
+        for g in range(n_kv):
+            for begin in range(first, p + 1, chunk):
+                item_row[items], item_head[items] = m, g
+                item_start[items], item_stop[items] = begin, min(p + 1, begin + chunk)
+                items += 1
+    return items
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _attention_item(  # type: ignore[no-untyped-def]
+    it, item_row, item_head, item_start, item_stop, qkv, slot0, cache_k, cache_v, head_dim,
+    scale, q, scores, bits, part_max, part_sum, part_acc,
+):  # fmt: skip
+    """One work item: its keys and values read once for the whole query group; its softmax
+    state (max, sum, unnormalized output) left in part_max/part_sum/part_acc[it]."""
+    group = q.shape[0]
+    m, g = item_row[it], item_head[it]
+    start, span = item_start[it], item_stop[it] - item_start[it]
+    keys = cache_k[slot0 + m, g]
+    values = cache_v[slot0 + m, g]
+    for hh in range(group):  # the group's query heads, pre-scaled
+        q_off = (g * group + hh) * head_dim
+        for d in range(head_dim):
+            q[hh, d] = qkv[m, q_off + d] * scale
+    _scores(q, keys, values, start, span, scores)
+    for hh in range(group):
+        row = scores[hh]
+        mx = row[0]
+        for t in range(1, span):
+            mx = max(mx, row[t])
+        for t in range(span):
+            row[t] -= mx
+        _exp_in_place(row, span, bits)
+        total = np.float32(0.0)
+        for t in range(span):
+            total += row[t]
+        part_max[it, hh] = mx
+        part_sum[it, hh] = total
+    _weighted_values(scores, values, start, span, part_acc[it])
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _zero_idle_rows(positions, out):  # type: ignore[no-untyped-def]
+    """Idle rows (position -1) get a zero attention output, as GroupQueryAttention gives."""
+    for m in range(positions.shape[0]):
+        if positions[m] < 0:
+            for j in range(out.shape[1]):
+                out[m, j] = 0.0
+
+
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
 def attention_decode(  # type: ignore[no-untyped-def]
     qkv,
@@ -316,7 +362,9 @@ def attention_decode(  # type: ignore[no-untyped-def]
     part_acc,
     out,
 ):
-    """Causal (optionally windowed) GQA for one new token per row, split-K over the context.
+    """Causal (optionally windowed) GQA for one new token per row, split-K over the context,
+    as a parallel region of its own (the attention_only diagnostic; a decode step runs the
+    same items inside its one region, decode_step).
 
     One work item is (row, KV head, chunk of `chunk` keys); only chunks that hold keys become
     items, so both threads get work at any context length. Each item reads its keys and
@@ -324,175 +372,248 @@ def attention_decode(  # type: ignore[no-untyped-def]
     (max, sum, unnormalized output) in part_max/part_sum [cap, G] and part_acc [cap, G, H];
     the states of one (row, KV head) are then merged exactly.
     """
-    rows = qkv.shape[0]
     group = n_heads // n_kv
     cap = part_max.shape[0]
     item_row = np.empty(cap, np.int64)
     item_head = np.empty(cap, np.int64)
     item_start = np.empty(cap, np.int64)
     item_stop = np.empty(cap, np.int64)
-    items = 0
-    for m in range(rows):
-        p = positions[m]
-        if p < 0:  # idle row: zero output, as GroupQueryAttention gives
-            for j in range(out.shape[1]):
-                out[m, j] = 0.0
-            continue
-        first = 0 if window < 0 else max(0, p - window + 1)
-        for g in range(n_kv):
-            for begin in range(first, p + 1, chunk):
-                item_row[items], item_head[items] = m, g
-                item_start[items], item_stop[items] = begin, min(p + 1, begin + chunk)
-                items += 1
+    items = _attention_items(
+        positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
+    )
     for it in prange(items):
-        m, g = item_row[it], item_head[it]
-        start, span = item_start[it], item_stop[it] - item_start[it]
-        keys = cache_k[slot0 + m, g]
-        values = cache_v[slot0 + m, g]
         q = np.empty((group, head_dim), np.float32)
         scores = np.empty((group, chunk), np.float32)
         bits = np.empty(chunk, np.int32)
-        for hh in range(group):  # the group's query heads, pre-scaled
-            q_off = (g * group + hh) * head_dim
-            for d in range(head_dim):
-                q[hh, d] = qkv[m, q_off + d] * scale
-        _scores(q, keys, values, start, span, scores)
-        for hh in range(group):
-            row = scores[hh]
-            mx = row[0]
-            for t in range(1, span):
-                mx = max(mx, row[t])
-            for t in range(span):
-                row[t] -= mx
-            _exp_in_place(row, span, bits)
-            total = np.float32(0.0)
-            for t in range(span):
-                total += row[t]
-            part_max[it, hh] = mx
-            part_sum[it, hh] = total
-        _weighted_values(scores, values, start, span, part_acc[it])
+        _attention_item(
+            it, item_row, item_head, item_start, item_stop, qkv, slot0, cache_k, cache_v,
+            head_dim, scale, q, scores, bits, part_max, part_sum, part_acc,
+        )  # fmt: skip
     _merge_partials(item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, out)
+    _zero_idle_rows(positions, out)
 
 
 def chunks_per_row(max_context: int, chunk: int = ATTENTION_CHUNK) -> int:
     return max(1, math.ceil(max_context / chunk))
 
 
+def sync_counters(layers: int, threads: int) -> int:
+    """Length of the int64 counter array a decode step over LAYERS layers on THREADS threads
+    synchronizes on: per phase, one claim counter per thread's segment and a done counter;
+    then the counter that numbers the threads."""
+    phases = layers * PHASES_PER_LAYER + 2
+    return (phases * (threads + 1) + 1) * SYNC_STRIDE
+
+
+@njit(cache=True, inline="always")
+def _counter(phase, slot, threads):  # type: ignore[no-untyped-def]
+    """Index of PHASE's counter SLOT (0..threads-1: segment claims, threads: done chunks)."""
+    return (phase * (threads + 1) + slot) * SYNC_STRIDE
+
+
+@njit(cache=True, inline="always")
+def _claim(sync, phase, threads):  # type: ignore[no-untyped-def]
+    """The next unclaimed chunk of PHASE (0, 1, ...; past the phase's chunks once all are)."""
+    return atomic_add(sync, _counter(phase, 0, threads), 1)
+
+
+@njit(cache=True, inline="always")
+def _finished(sync, phase, threads):  # type: ignore[no-untyped-def]
+    """One chunk of PHASE is done (its writes are visible to whoever sees the count)."""
+    atomic_add(sync, _counter(phase, threads, threads), 1)
+
+
+@njit(cache=True, inline="always")
+def _wait(sync, phase, threads, chunks):  # type: ignore[no-untyped-def]
+    """Spin until all CHUNKS chunks of PHASE are done."""
+    while atomic_load(sync, _counter(phase, threads, threads)) < chunks:
+        pass
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
+    """out[:, j0:j1] = x @ w[j0:j1]^T: 8-row weight blocks read once for all rows of x (4x4
+    tiles for each four rows, 1x8 for the rest)."""
+    rows = x.shape[0]
+    j = j0
+    while j + 8 <= j1:
+        m = 0
+        while m + 4 <= rows:
+            _dot_4x4(x, m, w, j, out)
+            _dot_4x4(x, m, w, j + 4, out)
+            m += 4
+        while m < rows:
+            _dot_1x8(x, m, w, j, out)
+            m += 1
+        j += 8
+    while j < j1:
+        for m in range(rows):
+            acc = np.float32(0.0)
+            for k in range(x.shape[1]):
+                acc += x[m, k] * w[j, k]
+            out[m, j] = acc
+        j += 1
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _matmul_phase(sync, phase, me, threads, x, w, out):  # type: ignore[no-untyped-def]
+    """out = x @ w^T as one phase. The weight rows are cut into one contiguous segment per
+    thread, read front to back by its thread (one long stream for the hardware prefetchers),
+    an eighth of it (CHUNKS_PER_THREAD) per claim; a thread done with its own segment takes the remaining
+    chunks of the others (a thread the OS slows down, or one that never starts, holds no one
+    up)."""
+    n = w.shape[0]
+    share = (n + threads * CHUNKS_PER_THREAD - 1) // (threads * CHUNKS_PER_THREAD)
+    rows_per_chunk = (share + 7) // 8 * 8  # whole 8-row blocks
+    chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+    done = 0
+    for step in range(threads):
+        segment = (me + step) % threads
+        lo = chunks * segment // threads
+        hi = chunks * (segment + 1) // threads
+        c = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+        while c < hi:
+            j0 = c * rows_per_chunk
+            _matmul_rows(x, w, out, j0, min(n, j0 + rows_per_chunk))
+            done += 1
+            c = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+    # One count for all of this thread's chunks: the done counter is the line both threads
+    # write, and moving it between cores per chunk cost more than the chunks' bookkeeping.
+    atomic_add(sync, _counter(phase, threads, threads), done)
+    _wait(sync, phase, threads, chunks)
+
+
 @njit(fastmath=FAST, cache=True, error_model="numpy")
-def decode_step(  # type: ignore[no-untyped-def]
-    ids,
-    positions,
-    logits_rows,
-    slot0,
-    embed,
-    lm_head,
-    w_qkv,
-    b_qkv,
-    w_o,
-    w_gate_up,
-    w_down,
-    norm_in,
-    norm_post,
-    norm_final,
-    eps,
-    cos_cache,
-    sin_cache,
-    rotary,
-    interleaved,
-    cache_k,
-    cache_v,
-    n_heads,
-    n_kv,
-    head_dim,
-    scale,
-    window,
-    chunk,
-    per_row,
-    part_max,
-    part_sum,
-    part_acc,
-    hidden,
-    normed,
-    qkv,
-    attn,
-    proj,
-    gate_up,
-    act,
-    logits,
-):
-    """One decode step over rows [0, M): token ids [M], positions [M] (-1 = idle row),
-    logits_rows [R] -> logits [R, V]. Row m is cache slot slot0 + m of the caches
-    [L, max_batch, Nkv, MAX, H], updated in place."""
+def _step_thread(  # type: ignore[no-untyped-def]
+    threads, weights_only, ids, positions, logits_rows, slot0, embed, lm_head, w_qkv, b_qkv, w_o,
+    w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache, rotary,
+    interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window, chunk, part_max,
+    part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act, selected, final, logits,
+    sync,
+):  # fmt: skip
+    """One thread's part of a decode step: the phases in order, each weight product and the
+    attention items shared out chunk by chunk, each sequential piece (norms, residual adds,
+    rotary and cache write, softmax merge, SiLU product) run by the first thread to claim it.
+    A thread waits for a phase's last chunk before the next phase. Correct with any number of
+    threads actually running, one included: a thread that arrives late finds every chunk
+    claimed and every count reached. WEIGHTS_ONLY runs the weight products alone."""
     rows = ids.shape[0]
-    layers = w_qkv.shape[0]
-    items = rows * n_kv * per_row
-    bits = np.empty(act.shape[1], np.int32)  # exp scratch of the SiLU product
-    for m in range(rows):
-        hidden[m, :] = embed[ids[m]]
-    for layer in range(layers):
-        rms_norm(hidden, norm_in[layer], eps, normed)
-        matmul_nk(normed, w_qkv[layer], qkv)
-        if b_qkv.shape[0]:
-            add_into(qkv, b_qkv[layer : layer + 1])
-        rotary_and_cache_write(
-            qkv,
-            positions,
-            slot0,
-            cache_k[layer],
-            cache_v[layer],
-            n_heads,
-            n_kv,
-            head_dim,
-            cos_cache,
-            sin_cache,
-            rotary,
-            interleaved,
-        )
-        attention_decode(
-            qkv,
-            positions,
-            slot0,
-            cache_k[layer],
-            cache_v[layer],
-            n_heads,
-            n_kv,
-            head_dim,
-            scale,
-            window,
-            chunk,
-            part_max[:items],
-            part_sum[:items],
-            part_acc[:items],
-            attn,
-        )
-        matmul_nk(attn, w_o[layer], proj)
-        add_into(hidden, proj)
-        rms_norm(hidden, norm_post[layer], eps, normed)
-        matmul_nk(normed, w_gate_up[layer], gate_up)
-        silu_product(gate_up, act, bits)
-        matmul_nk(act, w_down[layer], proj)
-        add_into(hidden, proj)
-    selected = np.empty((logits_rows.shape[0], hidden.shape[1]), np.float32)
-    for r in range(logits_rows.shape[0]):
-        selected[r, :] = hidden[logits_rows[r]]
-    final = np.empty_like(selected)
-    rms_norm(selected, norm_final, eps, final)
-    matmul_nk(final, lm_head, logits)
-
-
-@njit(fastmath=FAST, cache=True, error_model="numpy")
-def weight_products_only(  # type: ignore[no-untyped-def]
-    w_qkv, w_o, w_gate_up, w_down, lm_head, hidden, act, qkv, proj, gate_up, logits
-):
-    """Every weight product of one decode step, in step order, and nothing else: the
-    kernels' own MatMul floor (scripts/compare_decode_kernels.py), which says how much of a
-    step is the weight streaming and how much attention, norms and the rest."""
+    phases = w_qkv.shape[0] * PHASES_PER_LAYER + 2
+    me = atomic_add(sync, _counter(phases, 0, threads), 1) % threads  # this thread's segments
+    group = n_heads // n_kv
+    cap = part_max.shape[0]
+    item_row = np.empty(cap, np.int64)
+    item_head = np.empty(cap, np.int64)
+    item_start = np.empty(cap, np.int64)
+    item_stop = np.empty(cap, np.int64)
+    items = _attention_items(
+        positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
+    )
+    q = np.empty((group, head_dim), np.float32)
+    scores = np.empty((group, chunk), np.float32)
+    attention_bits = np.empty(chunk, np.int32)
+    silu_bits = np.empty(act.shape[1], np.int32)
+    phase = 0
     for layer in range(w_qkv.shape[0]):
-        matmul_nk(hidden, w_qkv[layer], qkv)
-        matmul_nk(hidden, w_o[layer], proj)
-        matmul_nk(hidden, w_gate_up[layer], gate_up)
-        matmul_nk(act, w_down[layer], proj)
-    matmul_nk(hidden, lm_head, logits)
+        if not weights_only and _claim(sync, phase, threads) == 0:
+            if layer == 0:
+                for m in range(rows):
+                    hidden[m, :] = embed[ids[m]]
+            else:
+                add_into(hidden, proj)  # the previous layer's down projection
+            rms_norm(hidden, norm_in[layer], eps, normed)
+            _finished(sync, phase, threads)
+        _wait(sync, phase, threads, 0 if weights_only else 1)
+        phase += 1
+        _matmul_phase(sync, phase, me, threads, normed, w_qkv[layer], qkv)
+        phase += 1
+        if not weights_only and _claim(sync, phase, threads) == 0:
+            if b_qkv.shape[0]:
+                add_into(qkv, b_qkv[layer : layer + 1])
+            rotary_and_cache_write(
+                qkv, positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim,
+                cos_cache, sin_cache, rotary, interleaved,
+            )  # fmt: skip
+            _finished(sync, phase, threads)
+        _wait(sync, phase, threads, 0 if weights_only else 1)
+        phase += 1
+        if not weights_only:
+            done = 0  # items in per-thread segments, as the weight rows (_matmul_phase)
+            for step in range(threads):
+                segment = (me + step) % threads
+                lo, hi = items * segment // threads, items * (segment + 1) // threads
+                it = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+                while it < hi:
+                    _attention_item(
+                        it, item_row, item_head, item_start, item_stop, qkv, slot0,
+                        cache_k[layer], cache_v[layer], head_dim, scale, q, scores,
+                        attention_bits, part_max, part_sum, part_acc,
+                    )  # fmt: skip
+                    done += 1
+                    it = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+            atomic_add(sync, _counter(phase, threads, threads), done)
+            _wait(sync, phase, threads, items)
+        phase += 1
+        if not weights_only and _claim(sync, phase, threads) == 0:
+            _merge_partials(
+                item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
+            )
+            _zero_idle_rows(positions, attn)
+            _finished(sync, phase, threads)
+        _wait(sync, phase, threads, 0 if weights_only else 1)
+        phase += 1
+        _matmul_phase(sync, phase, me, threads, attn, w_o[layer], proj)
+        phase += 1
+        if not weights_only and _claim(sync, phase, threads) == 0:
+            add_into(hidden, proj)
+            rms_norm(hidden, norm_post[layer], eps, normed)
+            _finished(sync, phase, threads)
+        _wait(sync, phase, threads, 0 if weights_only else 1)
+        phase += 1
+        _matmul_phase(sync, phase, me, threads, normed, w_gate_up[layer], gate_up)
+        phase += 1
+        if not weights_only and _claim(sync, phase, threads) == 0:
+            silu_product(gate_up, act, silu_bits)
+            _finished(sync, phase, threads)
+        _wait(sync, phase, threads, 0 if weights_only else 1)
+        phase += 1
+        _matmul_phase(sync, phase, me, threads, act, w_down[layer], proj)
+        phase += 1
+    if not weights_only and _claim(sync, phase, threads) == 0:
+        add_into(hidden, proj)
+        for r in range(logits_rows.shape[0]):
+            selected[r, :] = hidden[logits_rows[r]]
+        rms_norm(selected, norm_final, eps, final)
+        _finished(sync, phase, threads)
+    _wait(sync, phase, threads, 0 if weights_only else 1)
+    phase += 1
+    _matmul_phase(sync, phase, me, threads, final, lm_head, logits)
+
+
+@njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
+def decode_step(  # type: ignore[no-untyped-def]
+    threads, weights_only, ids, positions, logits_rows, slot0, embed, lm_head, w_qkv, b_qkv,
+    w_o, w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache, rotary,
+    interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window, chunk, part_max,
+    part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act, selected, final, logits,
+    sync,
+):  # fmt: skip
+    """One decode step over rows [0, M) as ONE parallel region: token ids [M], positions [M]
+    (-1 = idle row), logits_rows [R] -> logits [R, V]. Row m is cache slot slot0 + m of the
+    caches [L, max_batch, Nkv, MAX, H], updated in place. SYNC (sync_counters(L) int64s) must
+    be zero on entry.
+
+    One region instead of one per weight product and attention (~150 a step): libgomp stops
+    spinning between regions once its thread teams outnumber the cores (a second thread
+    launching kernels, torch's team), and each region then costs a futex wake-up."""
+    for _ in prange(threads):
+        _step_thread(
+            threads, weights_only, ids, positions, logits_rows, slot0, embed, lm_head, w_qkv, b_qkv, w_o,
+            w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache,
+            rotary, interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window,
+            chunk, part_max, part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act,
+            selected, final, logits, sync,
+        )  # fmt: skip
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")

@@ -307,8 +307,9 @@ class CompiledDecoder:
         self._proj = np.zeros((max_batch, d), f32)
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
+        layers = plan.w_qkv.shape[0]
+        self._sync = np.zeros(decode_kernels.sync_counters(layers, self.threads), np.int64)
         self._run = decode_kernels.decode_step
-        self._weight_products = decode_kernels.weight_products_only
         self._attention = decode_kernels.attention_only
         self._chunks_per_row = decode_kernels.chunks_per_row
 
@@ -329,7 +330,29 @@ class CompiledDecoder:
             span = min(span, a.local_window_size)  # chunks start at the window's first key
         per_row = self._chunks_per_row(span, self.chunk)
         logits = np.empty((logits_rows.shape[0], plan.lm_head.shape[0]), np.float32)
+        self._launch(False, input_ids, positions, logits_rows, start, per_row, logits,
+                     cache_key, cache_value)  # fmt: skip
+        return logits
+
+    def _launch(
+        self,
+        weights_only: bool,
+        input_ids: np.ndarray,
+        positions: np.ndarray,
+        logits_rows: np.ndarray,
+        start: int,
+        per_row: int,
+        logits: np.ndarray,
+        cache_key: np.ndarray,
+        cache_value: np.ndarray,
+    ) -> None:
+        plan, a = self.plan, self.plan.attention
+        rows, d = input_ids.shape[0], plan.embed.shape[1]
+        selected = np.empty((logits_rows.shape[0], d), np.float32)
+        final = np.zeros_like(selected)  # weights_only: defined inputs for the LM head
+        self._sync.fill(0)
         self._run(
+            self.threads, weights_only,
             input_ids.astype(np.int64, copy=False),
             positions.astype(np.int64, copy=False),
             logits_rows.astype(np.int64, copy=False),
@@ -338,12 +361,14 @@ class CompiledDecoder:
             plan.w_down, plan.norm_in, plan.norm_post, plan.norm_final, np.float32(plan.eps),
             plan.cos_cache, plan.sin_cache, bool(a.rotary), bool(a.rotary_interleaved),
             cache_key, cache_value, a.num_heads, a.kv_num_heads, a.head_dim,
-            np.float32(a.scale), a.local_window_size, self.chunk, per_row,
-            self._part_max, self._part_sum, self._part_acc,
+            np.float32(a.scale), a.local_window_size, self.chunk,
+            self._part_max[: rows * a.kv_num_heads * per_row],
+            self._part_sum[: rows * a.kv_num_heads * per_row],
+            self._part_acc[: rows * a.kv_num_heads * per_row],
             self._hidden[:rows], self._normed[:rows], self._qkv[:rows], self._attn[:rows],
-            self._proj[:rows], self._gate_up[:rows], self._act[:rows], logits,
+            self._proj[:rows], self._gate_up[:rows], self._act[:rows], selected, final, logits,
+            self._sync,
         )  # fmt: skip
-        return logits
 
     def compiled_on_disk(self) -> bool:
         """Whether numba's on-disk cache already holds the step kernel (else the first step
@@ -355,13 +380,13 @@ class CompiledDecoder:
         return bool(self._run.signatures) or os.path.exists(index)
 
     def weight_products_only(self, rows: int) -> None:
-        """Only the weight products of a step over `rows` rows (a diagnostic floor)."""
+        """Only the weight products of a step over `rows` rows (a diagnostic floor), in the
+        step's one parallel region."""
         p = self.plan
         logits = np.empty((rows, p.lm_head.shape[0]), np.float32)
-        self._weight_products(
-            p.w_qkv, p.w_o, p.w_gate_up, p.w_down, p.lm_head, self._hidden[:rows],
-            self._act[:rows], self._qkv[:rows], self._proj[:rows], self._gate_up[:rows], logits,
-        )  # fmt: skip
+        idle = np.full(rows, -1, np.int64)  # no attention items: its buffers are not read
+        self._launch(True, np.zeros(rows, np.int64), idle, np.arange(rows), 0, 1, logits,
+                     np.zeros((1, 1, 1, 1, 1), np.float32), np.zeros((1, 1, 1, 1, 1), np.float32))  # fmt: skip
 
     def attention_only(
         self, cache_key: np.ndarray, cache_value: np.ndarray, positions: np.ndarray

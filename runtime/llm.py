@@ -74,10 +74,10 @@ class LLM:
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
         decode_kernels: decode steps of up to 4 rows on compiled CPU kernels instead of ONNX
-            Runtime (CPU fp32 engines). Faster single-stream generation and static batching,
-            level in-flight serving, slower steps when a second thread launches them
-            (docs/benchmarks.md); None = the ENGINESMITH_DECODE_KERNELS variable ("1" = on),
-            off by default. The first run on a machine compiles them (~15 s, cached).
+            Runtime (CPU fp32 engines): faster single-stream generation and static batching,
+            level in-flight serving (docs/benchmarks.md). None = the ENGINESMITH_DECODE_KERNELS
+            variable ("0" = off), on by default; False keeps every step on ONNX Runtime. The
+            first run on a machine compiles them (~15 s, announced; cached).
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)

@@ -59,11 +59,10 @@ class EngineSession:
         """DECODE_KERNELS: run decode steps (one new token per row, at most
         DECODE_KERNEL_MAX_ROWS rows) on the compiled CPU kernels of runtime/decode_kernels.py
         when the engine's graph is one they implement (fp32 weights). None = the
-        ENGINESMITH_DECODE_KERNELS environment variable ("1" turns them on). Off by default:
+        ENGINESMITH_DECODE_KERNELS environment variable ("0" turns them off; on otherwise):
         `enginesmith bench` and `bench --serving` measure them ahead of ONNX Runtime's steps
-        for single-stream decode and static batching and level for in-flight serving, but
-        steps launched from a second thread (an asyncio server's engine thread after a
-        warm-up on the main thread) are ~1.5x slower (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
+        for single-stream decode, sequential serving and static batching and level for
+        in-flight serving (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
         ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
@@ -73,9 +72,9 @@ class EngineSession:
         self.vocab_size: int = model["vocab_size"]
         threads = threads or int(os.environ.get("ENGINESMITH_THREADS", "0"))
         self.decoder: CompiledDecoder | None = None
-        self.decoder_unavailable = "off (decode_kernels=True or ENGINESMITH_DECODE_KERNELS=1)"
+        self.decoder_unavailable = "off (decode_kernels=False or ENGINESMITH_DECODE_KERNELS=0)"
         if decode_kernels is None:
-            decode_kernels = os.environ.get("ENGINESMITH_DECODE_KERNELS", "0") == "1"
+            decode_kernels = os.environ.get("ENGINESMITH_DECODE_KERNELS", "1") != "0"
         if decode_kernels:
             try:
                 plan = DecodePlan.from_engine(engine_dir / manifest["files_by_role"]["model"])

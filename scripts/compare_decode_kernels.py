@@ -52,7 +52,8 @@ def second_thread_ms(timed: Callable[[], float]) -> dict[str, float]:
     thread steps a session that the main thread warmed up. numba's OpenMP layer gives each
     launching thread a team of its own, and libgomp (one copy per process, shared with torch)
     stops spinning between parallel regions once its teams hold more threads than there are
-    cores; a step has ~150 regions."""
+    cores. A step with a region per weight product (~150) paid a futex wake-up for each; the
+    step is now one region (runtime/decode_kernels.py, decode_step)."""
     results = {"main thread": timed()}
     worker = threading.Thread(target=lambda: results.__setitem__("second thread", timed()))
     worker.start()

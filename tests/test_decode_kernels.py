@@ -8,6 +8,7 @@ import pytest
 
 from enginesmith import LLM, SamplingParams
 from enginesmith.compiler.artifact import read_manifest
+from enginesmith.runtime.decode_kernels import sync_counters
 from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodePlanUnsupported
 from enginesmith.runtime.session import EngineSession
 from tests.conftest import PROMPTS, TINY_PRESETS
@@ -91,6 +92,42 @@ def test_long_contexts_merge_chunks_exactly(tiny_engine, preset: str) -> None:
     assert cache_diff < 1e-5, (preset, cache_diff)
 
 
+@pytest.mark.parametrize("launched, numba_threads", [(3, 2), (2, 1)])
+def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numba_threads) -> None:  # type: ignore[no-untyped-def]
+    """The step's one parallel region gives each launched thread a segment of every phase and
+    lets a thread take what another has not: with more launched segments than numba threads
+    (one thread then runs two launches one after the other), or a single numba thread, the
+    step still finishes, and its logits and cache equal the ordinary launch's exactly."""
+    import numba
+
+    session = prefilled_session(tiny_engine("tiny-llama"), [9, 150])
+    decoder = session.decoder
+    assert decoder is not None
+    caches = session.cache_key_all.copy(), session.cache_value_all.copy()
+
+    def step() -> tuple[np.ndarray, np.ndarray]:
+        session.cache_key_all[...], session.cache_value_all[...] = caches
+        logits = decoder.step(
+            session.cache_key_all, session.cache_value_all, 0, np.array([4, 8]),
+            np.array([9, 150]), np.arange(2),
+        )  # fmt: skip
+        return logits, session.cache_key_all.copy()
+
+    reference_logits, reference_cache = step()
+    ordinary, default_threads = decoder.threads, numba.get_num_threads()
+    decoder.threads = launched
+    decoder._sync = np.zeros(sync_counters(session.num_layers, launched), np.int64)
+    numba.set_num_threads(min(numba_threads, default_threads))
+    try:
+        logits, cache = step()
+    finally:
+        numba.set_num_threads(default_threads)
+        decoder.threads = ordinary
+        decoder._sync = np.zeros(sync_counters(session.num_layers, ordinary), np.int64)
+    np.testing.assert_array_equal(logits, reference_logits)
+    np.testing.assert_array_equal(cache, reference_cache)
+
+
 def test_idle_row_leaves_its_cache_alone(tiny_engine) -> None:
     session = prefilled_session(tiny_engine("tiny-llama"), [6, 6])
     before = session.cache_key_all[:, 1].copy()
@@ -127,16 +164,16 @@ def test_quantized_engine_is_refused_with_the_node(tiny_engine) -> None:
     assert session.decoder is None and "Quantized" in session.decoder_unavailable
 
 
-def test_kernels_are_off_unless_asked(tiny_engine, monkeypatch) -> None:
+def test_kernels_are_on_unless_turned_off(tiny_engine, monkeypatch) -> None:
     engine = tiny_engine("tiny-llama")
     manifest = read_manifest(engine)
     monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
-    session = EngineSession(engine, manifest)
-    assert session.decoder is None and "ENGINESMITH_DECODE_KERNELS=1" in session.decoder_unavailable
-    assert EngineSession(engine, manifest, decode_kernels=True).decoder is not None
-    monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "1")
     assert EngineSession(engine, manifest).decoder is not None
-    assert EngineSession(engine, manifest, decode_kernels=False).decoder is None
+    off = EngineSession(engine, manifest, decode_kernels=False)
+    assert off.decoder is None and "ENGINESMITH_DECODE_KERNELS=0" in off.decoder_unavailable
+    monkeypatch.setenv("ENGINESMITH_DECODE_KERNELS", "0")
+    assert EngineSession(engine, manifest).decoder is None
+    assert EngineSession(engine, manifest, decode_kernels=True).decoder is not None
 
 
 def test_steps_of_up_to_max_rows_run_on_the_kernels(tiny_engine) -> None:

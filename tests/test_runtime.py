@@ -141,9 +141,14 @@ def _resident_fraction(array: np.ndarray) -> float:
 @pytest.mark.skipif(sys.platform != "linux", reason="mincore(2) residency is measured on Linux")
 def test_kv_cache_memory_is_resident_from_load(tiny_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """The KV caches are backed by memory at load (resident_zeros), not faulted in by serving
-    steps; np.zeros of the same size is the control that shows the measure can fail."""
-    shape = (16, 1024, 1024)  # 64 MiB: a mapping of its own, not a piece of the heap
-    control = np.zeros(shape, np.float32)
+    steps; an unwritten mapping of the same size is the control that shows the measure can
+    fail."""
+    import mmap
+
+    shape = (16, 1024, 1024)  # 64 MiB
+    # Control: zeros in a fresh anonymous mapping, never written (np.zeros may reuse freed,
+    # already resident heap memory in a long test process).
+    control = np.frombuffer(mmap.mmap(-1, 64 << 20), np.float32).reshape(shape)
     cache = resident_zeros(shape)
     assert _resident_fraction(cache) == 1.0
     assert _resident_fraction(control) < 0.5
