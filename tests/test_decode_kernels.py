@@ -3,6 +3,8 @@ engine and caches, and against transformers' greedy output; the graphs they refu
 
 from __future__ import annotations
 
+import faulthandler
+
 import numpy as np
 import pytest
 
@@ -115,12 +117,15 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
 
     reference_logits, reference_cache = step()
     ordinary, default_threads = decoder.threads, numba.get_num_threads()
+    # A broken hand-over would spin forever: end the run with a traceback instead of a hang.
+    faulthandler.dump_traceback_later(300, exit=True)
     decoder.threads = launched
     decoder._sync = np.zeros(sync_counters(session.num_layers, launched), np.int64)
     numba.set_num_threads(min(numba_threads, default_threads))
     try:
         logits, cache = step()
     finally:
+        faulthandler.cancel_dump_traceback_later()
         numba.set_num_threads(default_threads)
         decoder.threads = ordinary
         decoder._sync = np.zeros(sync_counters(session.num_layers, ordinary), np.int64)
