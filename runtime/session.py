@@ -98,8 +98,8 @@ class EngineSession:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         elif self.decoder is not None:
             # Workers that spin on after a run take a core from the decode kernels' next steps,
-            # which then take ~1.7x as long (scripts/compare_decode_kernels.py, "right after a"): spin
-            # within a run, stop at its end.
+            # which then take ~1.6x as long (scripts/compare_decode_kernels.py, its "right after
+            # a prompt step" line): spin within a run, stop at its end.
             options.add_session_config_entry("session.force_spinning_stop", "1")
         self.session = ort.InferenceSession(
             str(engine_dir / manifest["files_by_role"]["model"]),
