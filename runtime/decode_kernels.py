@@ -15,7 +15,7 @@ kernels are compiled by numba (LLVM, the host's vector ISA) into one function pe
   same compiled code: no per-op dispatch;
 * the whole step is ONE parallel region (decode_step): its threads go through the phases in
   order, sharing each weight product and the attention items out through atomic counters
-  (runtime/atomics.py) and waiting for a phase's last chunk, instead of an OpenMP fork and
+  (runtime/intrinsics.py) and waiting for a phase's last chunk, instead of an OpenMP fork and
   join per product (~150 a step, each a futex wake-up once libgomp stops spinning).
 
 Prefill and mixed steps stay on ONNX Runtime; both share the same KV buffers.
@@ -28,8 +28,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from enginesmith.runtime.atomics import atomic_add, atomic_load
-from enginesmith.runtime.prefetch import prefetch
+from enginesmith.runtime.intrinsics import atomic_add, atomic_load, prefetch
 
 ATTENTION_CHUNK = 128  # context positions per attention work item
 PREFETCH_ROWS = 16  # keys named ahead of the one being read (4 KiB of fp32 rows of 64)
@@ -283,11 +282,14 @@ def _merge_partials(  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _attention_items(  # type: ignore[no-untyped-def]
-    positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
-):
+def _attention_items(positions, n_kv, window, chunk, cap):  # type: ignore[no-untyped-def]
     """The step's attention work items: one per (row, KV head, chunk of `chunk` keys) that
-    holds keys (idle rows, position -1, have none). Returns their number."""
+    holds keys (idle rows, position -1, have none), at most CAP. Returns their rows, KV
+    heads, first and stop key positions, and their number."""
+    item_row = np.empty(cap, np.int64)
+    item_head = np.empty(cap, np.int64)
+    item_start = np.empty(cap, np.int64)
+    item_stop = np.empty(cap, np.int64)
     items = 0
     for m in range(positions.shape[0]):
         p = positions[m]
@@ -299,7 +301,7 @@ def _attention_items(  # type: ignore[no-untyped-def]
                 item_row[items], item_head[items] = m, g
                 item_start[items], item_stop[items] = begin, min(p + 1, begin + chunk)
                 items += 1
-    return items
+    return item_row, item_head, item_start, item_stop, items
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
@@ -373,13 +375,8 @@ def attention_decode(  # type: ignore[no-untyped-def]
     the states of one (row, KV head) are then merged exactly.
     """
     group = n_heads // n_kv
-    cap = part_max.shape[0]
-    item_row = np.empty(cap, np.int64)
-    item_head = np.empty(cap, np.int64)
-    item_start = np.empty(cap, np.int64)
-    item_stop = np.empty(cap, np.int64)
-    items = _attention_items(
-        positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
+    item_row, item_head, item_start, item_stop, items = _attention_items(
+        positions, n_kv, window, chunk, part_max.shape[0]
     )
     for it in prange(items):
         q = np.empty((group, head_dim), np.float32)
@@ -412,12 +409,6 @@ def _counter(phase, slot, threads):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _claim(sync, phase, threads):  # type: ignore[no-untyped-def]
-    """The next unclaimed chunk of PHASE (0, 1, ...; past the phase's chunks once all are)."""
-    return atomic_add(sync, _counter(phase, 0, threads), 1)
-
-
-@njit(cache=True, inline="always")
 def _finished(sync, phase, threads):  # type: ignore[no-untyped-def]
     """One chunk of PHASE is done (its writes are visible to whoever sees the count)."""
     atomic_add(sync, _counter(phase, threads, threads), 1)
@@ -428,6 +419,45 @@ def _wait(sync, phase, threads, chunks):  # type: ignore[no-untyped-def]
     """Spin until all CHUNKS chunks of PHASE are done."""
     while atomic_load(sync, _counter(phase, threads, threads)) < chunks:
         pass
+
+
+@njit(cache=True, inline="always")
+def _claims_serial(sync, phase, threads, weights_only):  # type: ignore[no-untyped-def]
+    """Whether this thread runs PHASE, a sequential piece (the first to claim it does; none
+    in a weights-only step). The runner calls _finished, every thread _wait_serial."""
+    return not weights_only and atomic_add(sync, _counter(phase, 0, threads), 1) == 0
+
+
+@njit(cache=True, inline="always")
+def _wait_serial(sync, phase, threads, weights_only):  # type: ignore[no-untyped-def]
+    """Wait until PHASE, a sequential piece, is done (at once in a weights-only step)."""
+    _wait(sync, phase, threads, 0 if weights_only else 1)
+
+
+@njit(cache=True, inline="always")
+def _claim_in_segments(sync, phase, me, threads, total, cursor):  # type: ignore[no-untyped-def]
+    """The next of TOTAL units of PHASE for thread ME, or -1 when none is left. The units are
+    cut into one contiguous segment per thread: ME's own first, front to back (one long
+    stream for the hardware prefetchers), then what is left of the others' (a thread the OS
+    slows down, or one that never starts, holds no one up). CURSOR (int64[1], 0 at the
+    phase's start) is how many segments ME has used up."""
+    while cursor[0] < threads:
+        segment = (me + cursor[0]) % threads
+        lo, hi = total * segment // threads, total * (segment + 1) // threads
+        unit = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+        if unit < hi:
+            return unit
+        cursor[0] += 1
+    return -1
+
+
+@njit(cache=True, inline="always")
+def _finish_phase(sync, phase, threads, done, total):  # type: ignore[no-untyped-def]
+    """Count this thread's DONE units of PHASE, then wait for all TOTAL: one count per thread,
+    since the done counter is the line every thread writes and moving it between cores per
+    unit cost more than the units' bookkeeping."""
+    atomic_add(sync, _counter(phase, threads, threads), done)
+    _wait(sync, phase, threads, total)
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
@@ -456,31 +486,21 @@ def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _matmul_phase(sync, phase, me, threads, x, w, out):  # type: ignore[no-untyped-def]
-    """out = x @ w^T as one phase. The weight rows are cut into one contiguous segment per
-    thread, read front to back by its thread (one long stream for the hardware prefetchers),
-    an eighth of it (CHUNKS_PER_THREAD) per claim; a thread done with its own segment takes the remaining
-    chunks of the others (a thread the OS slows down, or one that never starts, holds no one
-    up)."""
+def _matmul_phase(sync, phase, me, threads, cursor, x, w, out):  # type: ignore[no-untyped-def]
+    """out = x @ w^T as one phase, claimed in chunks of whole 8-row weight blocks, about
+    CHUNKS_PER_THREAD per thread's segment (_claim_in_segments)."""
     n = w.shape[0]
     share = (n + threads * CHUNKS_PER_THREAD - 1) // (threads * CHUNKS_PER_THREAD)
-    rows_per_chunk = (share + 7) // 8 * 8  # whole 8-row blocks
+    rows_per_chunk = (share + 7) // 8 * 8
     chunks = (n + rows_per_chunk - 1) // rows_per_chunk
-    done = 0
-    for step in range(threads):
-        segment = (me + step) % threads
-        lo = chunks * segment // threads
-        hi = chunks * (segment + 1) // threads
-        c = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
-        while c < hi:
-            j0 = c * rows_per_chunk
-            _matmul_rows(x, w, out, j0, min(n, j0 + rows_per_chunk))
-            done += 1
-            c = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
-    # One count for all of this thread's chunks: the done counter is the line both threads
-    # write, and moving it between cores per chunk cost more than the chunks' bookkeeping.
-    atomic_add(sync, _counter(phase, threads, threads), done)
-    _wait(sync, phase, threads, chunks)
+    cursor[0], done = 0, 0
+    c = _claim_in_segments(sync, phase, me, threads, chunks, cursor)
+    while c >= 0:
+        j0 = c * rows_per_chunk
+        _matmul_rows(x, w, out, j0, min(n, j0 + rows_per_chunk))
+        done += 1
+        c = _claim_in_segments(sync, phase, me, threads, chunks, cursor)
+    _finish_phase(sync, phase, threads, done, chunks)
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
@@ -501,21 +521,17 @@ def _step_thread(  # type: ignore[no-untyped-def]
     phases = w_qkv.shape[0] * PHASES_PER_LAYER + 2
     me = atomic_add(sync, _counter(phases, 0, threads), 1) % threads  # this thread's segments
     group = n_heads // n_kv
-    cap = part_max.shape[0]
-    item_row = np.empty(cap, np.int64)
-    item_head = np.empty(cap, np.int64)
-    item_start = np.empty(cap, np.int64)
-    item_stop = np.empty(cap, np.int64)
-    items = _attention_items(
-        positions, n_kv, window, chunk, item_row, item_head, item_start, item_stop
+    item_row, item_head, item_start, item_stop, items = _attention_items(
+        positions, n_kv, window, chunk, part_max.shape[0]
     )
     q = np.empty((group, head_dim), np.float32)
     scores = np.empty((group, chunk), np.float32)
     attention_bits = np.empty(chunk, np.int32)
     silu_bits = np.empty(act.shape[1], np.int32)
+    cursor = np.zeros(1, np.int64)
     phase = 0
     for layer in range(w_qkv.shape[0]):
-        if not weights_only and _claim(sync, phase, threads) == 0:
+        if _claims_serial(sync, phase, threads, weights_only):
             if layer == 0:
                 for m in range(rows):
                     hidden[m, :] = embed[ids[m]]
@@ -523,11 +539,11 @@ def _step_thread(  # type: ignore[no-untyped-def]
                 add_into(hidden, proj)  # the previous layer's down projection
             rms_norm(hidden, norm_in[layer], eps, normed)
             _finished(sync, phase, threads)
-        _wait(sync, phase, threads, 0 if weights_only else 1)
+        _wait_serial(sync, phase, threads, weights_only)
         phase += 1
-        _matmul_phase(sync, phase, me, threads, normed, w_qkv[layer], qkv)
+        _matmul_phase(sync, phase, me, threads, cursor, normed, w_qkv[layer], qkv)
         phase += 1
-        if not weights_only and _claim(sync, phase, threads) == 0:
+        if _claims_serial(sync, phase, threads, weights_only):
             if b_qkv.shape[0]:
                 add_into(qkv, b_qkv[layer : layer + 1])
             rotary_and_cache_write(
@@ -535,59 +551,55 @@ def _step_thread(  # type: ignore[no-untyped-def]
                 cos_cache, sin_cache, rotary, interleaved,
             )  # fmt: skip
             _finished(sync, phase, threads)
-        _wait(sync, phase, threads, 0 if weights_only else 1)
+        _wait_serial(sync, phase, threads, weights_only)
         phase += 1
         if not weights_only:
-            done = 0  # items in per-thread segments, as the weight rows (_matmul_phase)
-            for step in range(threads):
-                segment = (me + step) % threads
-                lo, hi = items * segment // threads, items * (segment + 1) // threads
-                it = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
-                while it < hi:
-                    _attention_item(
-                        it, item_row, item_head, item_start, item_stop, qkv, slot0,
-                        cache_k[layer], cache_v[layer], head_dim, scale, q, scores,
-                        attention_bits, part_max, part_sum, part_acc,
-                    )  # fmt: skip
-                    done += 1
-                    it = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
-            atomic_add(sync, _counter(phase, threads, threads), done)
-            _wait(sync, phase, threads, items)
+            cursor[0], done = 0, 0
+            it = _claim_in_segments(sync, phase, me, threads, items, cursor)
+            while it >= 0:
+                _attention_item(
+                    it, item_row, item_head, item_start, item_stop, qkv, slot0, cache_k[layer],
+                    cache_v[layer], head_dim, scale, q, scores, attention_bits, part_max,
+                    part_sum, part_acc,
+                )  # fmt: skip
+                done += 1
+                it = _claim_in_segments(sync, phase, me, threads, items, cursor)
+            _finish_phase(sync, phase, threads, done, items)
         phase += 1
-        if not weights_only and _claim(sync, phase, threads) == 0:
+        if _claims_serial(sync, phase, threads, weights_only):
             _merge_partials(
                 item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
             )
             _zero_idle_rows(positions, attn)
             _finished(sync, phase, threads)
-        _wait(sync, phase, threads, 0 if weights_only else 1)
+        _wait_serial(sync, phase, threads, weights_only)
         phase += 1
-        _matmul_phase(sync, phase, me, threads, attn, w_o[layer], proj)
+        _matmul_phase(sync, phase, me, threads, cursor, attn, w_o[layer], proj)
         phase += 1
-        if not weights_only and _claim(sync, phase, threads) == 0:
+        if _claims_serial(sync, phase, threads, weights_only):
             add_into(hidden, proj)
             rms_norm(hidden, norm_post[layer], eps, normed)
             _finished(sync, phase, threads)
-        _wait(sync, phase, threads, 0 if weights_only else 1)
+        _wait_serial(sync, phase, threads, weights_only)
         phase += 1
-        _matmul_phase(sync, phase, me, threads, normed, w_gate_up[layer], gate_up)
+        _matmul_phase(sync, phase, me, threads, cursor, normed, w_gate_up[layer], gate_up)
         phase += 1
-        if not weights_only and _claim(sync, phase, threads) == 0:
+        if _claims_serial(sync, phase, threads, weights_only):
             silu_product(gate_up, act, silu_bits)
             _finished(sync, phase, threads)
-        _wait(sync, phase, threads, 0 if weights_only else 1)
+        _wait_serial(sync, phase, threads, weights_only)
         phase += 1
-        _matmul_phase(sync, phase, me, threads, act, w_down[layer], proj)
+        _matmul_phase(sync, phase, me, threads, cursor, act, w_down[layer], proj)
         phase += 1
-    if not weights_only and _claim(sync, phase, threads) == 0:
+    if _claims_serial(sync, phase, threads, weights_only):
         add_into(hidden, proj)
         for r in range(logits_rows.shape[0]):
             selected[r, :] = hidden[logits_rows[r]]
         rms_norm(selected, norm_final, eps, final)
         _finished(sync, phase, threads)
-    _wait(sync, phase, threads, 0 if weights_only else 1)
+    _wait_serial(sync, phase, threads, weights_only)
     phase += 1
-    _matmul_phase(sync, phase, me, threads, final, lm_head, logits)
+    _matmul_phase(sync, phase, me, threads, cursor, final, lm_head, logits)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
@@ -600,17 +612,17 @@ def decode_step(  # type: ignore[no-untyped-def]
 ):  # fmt: skip
     """One decode step over rows [0, M) as ONE parallel region: token ids [M], positions [M]
     (-1 = idle row), logits_rows [R] -> logits [R, V]. Row m is cache slot slot0 + m of the
-    caches [L, max_batch, Nkv, MAX, H], updated in place. SYNC (sync_counters(L) int64s) must
-    be zero on entry.
+    caches [L, max_batch, Nkv, MAX, H], updated in place. SYNC (sync_counters(L, threads)
+    int64s) must be zero on entry.
 
     One region instead of one per weight product and attention (~150 a step): libgomp stops
     spinning between regions once its thread teams outnumber the cores (a second thread
     launching kernels, torch's team), and each region then costs a futex wake-up."""
     for _ in prange(threads):
         _step_thread(
-            threads, weights_only, ids, positions, logits_rows, slot0, embed, lm_head, w_qkv, b_qkv, w_o,
-            w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache,
-            rotary, interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window,
+            threads, weights_only, ids, positions, logits_rows, slot0, embed, lm_head, w_qkv,
+            b_qkv, w_o, w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache,
+            sin_cache, rotary, interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window,
             chunk, part_max, part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act,
             selected, final, logits, sync,
         )  # fmt: skip

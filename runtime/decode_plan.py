@@ -307,8 +307,8 @@ class CompiledDecoder:
         self._proj = np.zeros((max_batch, d), f32)
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
-        layers = plan.w_qkv.shape[0]
-        self._sync = np.zeros(decode_kernels.sync_counters(layers, self.threads), np.int64)
+        self._sync = np.zeros(0, np.int64)  # sized for self.threads at each launch
+        self._sync_counters = decode_kernels.sync_counters
         self._run = decode_kernels.decode_step
         self._attention = decode_kernels.attention_only
         self._chunks_per_row = decode_kernels.chunks_per_row
@@ -350,6 +350,9 @@ class CompiledDecoder:
         rows, d = input_ids.shape[0], plan.embed.shape[1]
         selected = np.empty((logits_rows.shape[0], d), np.float32)
         final = np.zeros_like(selected)  # weights_only: defined inputs for the LM head
+        needed = self._sync_counters(plan.w_qkv.shape[0], self.threads)
+        if self._sync.shape[0] != needed:
+            self._sync = np.zeros(needed, np.int64)
         self._sync.fill(0)
         self._run(
             self.threads, weights_only,

@@ -29,9 +29,9 @@ DECODE_KERNEL_MAX_ROWS = 4
 def resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
     """fp32 zeros whose every page is already backed by memory. np.zeros maps pages lazily, so
     the cache's first writes fault them in during serving steps: on this VM a first touch
-    sometimes runs at ~0.5 GB/s instead of ~23 (the host backs the page then), which made
-    early in-flight steps up to 18x slower (scripts/first_touch.py measures it). Paying
-    that at load keeps it out of request latency."""
+    often runs at ~0.5 GB/s instead of ~20 (the host backs the page then; scripts/first_touch.py
+    measures it), and those faults had landed in the first in-flight steps
+    (docs/benchmarks.md). Paying that at load keeps it out of request latency."""
     out = np.empty(shape, np.float32)
     out.fill(0.0)
     return out

@@ -10,7 +10,6 @@ import pytest
 
 from enginesmith import LLM, SamplingParams
 from enginesmith.compiler.artifact import read_manifest
-from enginesmith.runtime.decode_kernels import sync_counters
 from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodePlanUnsupported
 from enginesmith.runtime.session import EngineSession
 from tests.conftest import PROMPTS, TINY_PRESETS
@@ -120,7 +119,6 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
     # A broken hand-over would spin forever: end the run with a traceback instead of a hang.
     faulthandler.dump_traceback_later(300, exit=True)
     decoder.threads = launched
-    decoder._sync = np.zeros(sync_counters(session.num_layers, launched), np.int64)
     numba.set_num_threads(min(numba_threads, default_threads))
     try:
         logits, cache = step()
@@ -128,7 +126,6 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
         faulthandler.cancel_dump_traceback_later()
         numba.set_num_threads(default_threads)
         decoder.threads = ordinary
-        decoder._sync = np.zeros(sync_counters(session.num_layers, ordinary), np.int64)
     np.testing.assert_array_equal(logits, reference_logits)
     np.testing.assert_array_equal(cache, reference_cache)
 
