@@ -308,6 +308,7 @@ class CompiledDecoder:
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
         self._sync = np.zeros(0, np.int64)  # sized for self.threads at each launch
+        self._step_thread_loaded = False
         self._sync_counters = decode_kernels.sync_counters
         self._run = decode_kernels.decode_step
         self._attention = decode_kernels.attention_only
@@ -354,7 +355,7 @@ class CompiledDecoder:
         if self._sync.shape[0] != needed:
             self._sync = np.zeros(needed, np.int64)
         self._sync.fill(0)
-        self._run(
+        args = (
             self.threads, weights_only,
             input_ids.astype(np.int64, copy=False),
             positions.astype(np.int64, copy=False),
@@ -372,6 +373,25 @@ class CompiledDecoder:
             self._proj[:rows], self._gate_up[:rows], self._act[:rows], selected, final, logits,
             self._sync,
         )  # fmt: skip
+        if not self._step_thread_loaded:
+            self._load_step_thread_first(args)
+        self._run(*args)
+
+    def _load_step_thread_first(self, args: tuple[Any, ...]) -> None:
+        """Compile, or load from numba's cache, the step's thread body (_step_thread) on its
+        own before decode_step, so that every process runs the same machine code. numba links
+        each callee into its caller's module and optimizes that module again: decode_step's
+        object carries a second, re-optimized copy of _step_thread. A process that compiles
+        the kernels runs the standalone copy (the JIT linker resolves the symbol to the copy
+        defined first); one that loaded them from the cache ran the re-optimized one. For the
+        committed kernels the two are level; for a variant tried and dropped, the re-optimized
+        copy was 12% slower (scripts/compare_step_body.py, docs/benchmarks.md). decode_step
+        passes its arguments through unchanged, so their types are _step_thread's signature."""
+        from enginesmith.runtime import decode_kernels
+
+        body = decode_kernels._step_thread
+        body.compile(tuple(body.typeof_pyval(a) for a in args))
+        self._step_thread_loaded = True
 
     def compiled_on_disk(self) -> bool:
         """Whether numba's on-disk cache already holds the step kernel (else the first step

@@ -220,3 +220,36 @@ def test_plan_weights_are_contiguous_rows(tiny_engine) -> None:
     for w in (plan.w_qkv, plan.w_o, plan.w_gate_up, plan.w_down, plan.lm_head):
         assert w.flags.c_contiguous and w.dtype == np.float32
     assert plan.w_qkv.shape[1] == plan.attention.packed_width
+
+
+def test_step_thread_body_is_loaded_on_its_own_first(tiny_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The step's thread body is compiled or loaded standalone before decode_step first runs
+    (the JIT linker then runs that once-optimized copy,
+    CompiledDecoder._load_step_thread_first), for the very argument types decode_step passes
+    through: one body per step signature, none compiled a second time for other types."""
+    from enginesmith.runtime import decode_kernels
+
+    session = prefilled_session(tiny_engine("tiny-llama"), [4])
+    decoder = session.decoder
+    assert decoder is not None
+    decoder._step_thread_loaded = False  # as in a new process
+    body, step = decode_kernels._step_thread, decoder._run
+    events: list[tuple[str, tuple[object, ...]]] = []
+    real_compile = body.compile
+
+    def compile_body(signature):  # type: ignore[no-untyped-def]
+        events.append(("body", tuple(signature)))
+        return real_compile(signature)
+
+    def run_step(*args):  # type: ignore[no-untyped-def]
+        events.append(("step", tuple(body.typeof_pyval(a) for a in args)))
+        return step(*args)
+
+    monkeypatch.setattr(body, "compile", compile_body)
+    monkeypatch.setattr(decoder, "_run", run_step)
+    for position in (4, 5):
+        decoder.step(session.cache_key_all, session.cache_value_all, 0, np.array([9]),
+                     np.array([position]), np.arange(1))  # fmt: skip
+    assert [kind for kind, _ in events] == ["body", "step", "step"]
+    assert events[0][1] == events[1][1]
+    assert len(body.signatures) == len(decode_kernels.decode_step.signatures)
