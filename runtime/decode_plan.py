@@ -384,9 +384,10 @@ class CompiledDecoder:
         object carries a second, re-optimized copy of _step_thread. A process that compiles
         the kernels runs the standalone copy (the JIT linker resolves the symbol to the copy
         defined first); one that loaded them from the cache ran the re-optimized one. For the
-        committed kernels the two are level; for a variant tried and dropped, the re-optimized
-        copy was 12% slower (scripts/compare_step_body.py, docs/benchmarks.md). decode_step
-        passes its arguments through unchanged, so their types are _step_thread's signature."""
+        committed kernels the two are within a few percent; for a variant tried and dropped,
+        the re-optimized copy was 12% slower (scripts/compare_step_body.py,
+        docs/benchmarks.md). decode_step passes its arguments through unchanged, so their
+        types are _step_thread's signature."""
         from enginesmith.runtime import decode_kernels
 
         body = decode_kernels._step_thread
