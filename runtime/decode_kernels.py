@@ -409,12 +409,6 @@ def _counter(phase, slot, threads):  # type: ignore[no-untyped-def]
 
 
 @njit(cache=True, inline="always")
-def _finished(sync, phase, threads):  # type: ignore[no-untyped-def]
-    """One chunk of PHASE is done (its writes are visible to whoever sees the count)."""
-    atomic_add(sync, _counter(phase, threads, threads), 1)
-
-
-@njit(cache=True, inline="always")
 def _wait(sync, phase, threads, chunks):  # type: ignore[no-untyped-def]
     """Spin until all CHUNKS chunks of PHASE are done."""
     while atomic_load(sync, _counter(phase, threads, threads)) < chunks:
@@ -424,13 +418,17 @@ def _wait(sync, phase, threads, chunks):  # type: ignore[no-untyped-def]
 @njit(cache=True, inline="always")
 def _claims_serial(sync, phase, threads, weights_only):  # type: ignore[no-untyped-def]
     """Whether this thread runs PHASE, a sequential piece (the first to claim it does; none
-    in a weights-only step). The runner calls _finished, every thread _wait_serial."""
+    in a weights-only step). Every thread then calls _end_serial with the answer."""
     return not weights_only and atomic_add(sync, _counter(phase, 0, threads), 1) == 0
 
 
 @njit(cache=True, inline="always")
-def _wait_serial(sync, phase, threads, weights_only):  # type: ignore[no-untyped-def]
-    """Wait until PHASE, a sequential piece, is done (at once in a weights-only step)."""
+def _end_serial(sync, phase, threads, weights_only, ran):  # type: ignore[no-untyped-def]
+    """End PHASE, a sequential piece: the thread that RAN it counts it done (its writes are
+    visible to whoever sees the count), every thread waits for that count (none in a
+    weights-only step)."""
+    if ran:
+        atomic_add(sync, _counter(phase, threads, threads), 1)
     _wait(sync, phase, threads, 0 if weights_only else 1)
 
 
@@ -531,27 +529,27 @@ def _step_thread(  # type: ignore[no-untyped-def]
     cursor = np.zeros(1, np.int64)
     phase = 0
     for layer in range(w_qkv.shape[0]):
-        if _claims_serial(sync, phase, threads, weights_only):
+        ran = _claims_serial(sync, phase, threads, weights_only)
+        if ran:
             if layer == 0:
                 for m in range(rows):
                     hidden[m, :] = embed[ids[m]]
             else:
                 add_into(hidden, proj)  # the previous layer's down projection
             rms_norm(hidden, norm_in[layer], eps, normed)
-            _finished(sync, phase, threads)
-        _wait_serial(sync, phase, threads, weights_only)
+        _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
         _matmul_phase(sync, phase, me, threads, cursor, normed, w_qkv[layer], qkv)
         phase += 1
-        if _claims_serial(sync, phase, threads, weights_only):
+        ran = _claims_serial(sync, phase, threads, weights_only)
+        if ran:
             if b_qkv.shape[0]:
                 add_into(qkv, b_qkv[layer : layer + 1])
             rotary_and_cache_write(
                 qkv, positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim,
                 cos_cache, sin_cache, rotary, interleaved,
             )  # fmt: skip
-            _finished(sync, phase, threads)
-        _wait_serial(sync, phase, threads, weights_only)
+        _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
         if not weights_only:
             cursor[0], done = 0, 0
@@ -566,38 +564,38 @@ def _step_thread(  # type: ignore[no-untyped-def]
                 it = _claim_in_segments(sync, phase, me, threads, items, cursor)
             _finish_phase(sync, phase, threads, done, items)
         phase += 1
-        if _claims_serial(sync, phase, threads, weights_only):
+        ran = _claims_serial(sync, phase, threads, weights_only)
+        if ran:
             _merge_partials(
                 item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
             )
             _zero_idle_rows(positions, attn)
-            _finished(sync, phase, threads)
-        _wait_serial(sync, phase, threads, weights_only)
+        _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
         _matmul_phase(sync, phase, me, threads, cursor, attn, w_o[layer], proj)
         phase += 1
-        if _claims_serial(sync, phase, threads, weights_only):
+        ran = _claims_serial(sync, phase, threads, weights_only)
+        if ran:
             add_into(hidden, proj)
             rms_norm(hidden, norm_post[layer], eps, normed)
-            _finished(sync, phase, threads)
-        _wait_serial(sync, phase, threads, weights_only)
+        _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
         _matmul_phase(sync, phase, me, threads, cursor, normed, w_gate_up[layer], gate_up)
         phase += 1
-        if _claims_serial(sync, phase, threads, weights_only):
+        ran = _claims_serial(sync, phase, threads, weights_only)
+        if ran:
             silu_product(gate_up, act, silu_bits)
-            _finished(sync, phase, threads)
-        _wait_serial(sync, phase, threads, weights_only)
+        _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
         _matmul_phase(sync, phase, me, threads, cursor, act, w_down[layer], proj)
         phase += 1
-    if _claims_serial(sync, phase, threads, weights_only):
+    ran = _claims_serial(sync, phase, threads, weights_only)
+    if ran:
         add_into(hidden, proj)
         for r in range(logits_rows.shape[0]):
             selected[r, :] = hidden[logits_rows[r]]
         rms_norm(selected, norm_final, eps, final)
-        _finished(sync, phase, threads)
-    _wait_serial(sync, phase, threads, weights_only)
+    _end_serial(sync, phase, threads, weights_only, ran)
     phase += 1
     _matmul_phase(sync, phase, me, threads, cursor, final, lm_head, logits)
 

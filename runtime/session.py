@@ -62,8 +62,8 @@ class EngineSession:
         ENGINESMITH_DECODE_KERNELS environment variable ("0" turns them off; on otherwise):
         `enginesmith bench` and `bench --serving` measure them ahead of ONNX Runtime's steps
         for single-stream decode, sequential serving and static batching and level for
-        in-flight serving (docs/benchmarks.md). Other steps, and engines the kernels do not implement, run on
-        ONNX Runtime over the same caches."""
+        in-flight serving (docs/benchmarks.md). Other steps, and engines the kernels do not
+        implement, run on ONNX Runtime over the same caches."""
         ort = _ort()
         model = manifest["model"]
         self.num_layers: int = model["num_layers"]

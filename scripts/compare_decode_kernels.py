@@ -47,6 +47,13 @@ def step_ms(step: Callable[[int, int], object], context: int, steps: int, rows: 
     return float(np.median(times[2:])) * 1e3
 
 
+def fill_random_caches(session: EngineSession) -> None:
+    """The session's KV caches filled with the same random contents every call (seed 0)."""
+    rng = np.random.default_rng(0)
+    for buffer in (session.cache_key_all, session.cache_value_all):
+        buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+
+
 def second_thread_ms(timed: Callable[[], float]) -> dict[str, float]:
     """TIMED() on the main thread, then on a second thread: the way an asyncio server's engine
     thread steps a session that the main thread warmed up. numba's OpenMP layer gives each
@@ -89,9 +96,7 @@ def main() -> None:
     if max(row_counts) > session.max_batch:
         raise SystemExit(f"--rows above the engine's max batch ({session.max_batch})")
     for s in (session, kernels):
-        rng = np.random.default_rng(0)
-        for buffer in (s.cache_key_all, s.cache_value_all):
-            buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+        fill_random_caches(s)
     session.warmup()
 
     def ort_step(rows: int, pos: int) -> object:

@@ -28,6 +28,8 @@ KINDS = ("standalone body (runtime)", "linked copy")
 
 def child(engine: Path, linked: bool, context: int, steps: int) -> dict[str, float]:
     """ms per 1-row step in this process: weight products alone and whole steps."""
+    from compare_decode_kernels import fill_random_caches  # this script's neighbour in scripts/
+
     from enginesmith.compiler.artifact import read_manifest
     from enginesmith.runtime.session import EngineSession
 
@@ -37,9 +39,7 @@ def child(engine: Path, linked: bool, context: int, steps: int) -> dict[str, flo
         raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
     if linked:
         decoder._step_thread_loaded = True  # skip the runtime's load of the standalone body
-    rng = np.random.default_rng(0)
-    for buffer in (session.cache_key_all, session.cache_value_all):
-        buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+    fill_random_caches(session)
     keys, values = session.cache_key_all, session.cache_value_all
 
     def step(position: int) -> None:

@@ -1,8 +1,9 @@
 """How fast this machine backs fresh memory: the time of a first touch (one write per 4 KiB page
 of a new allocation, so every page faults in) next to a second touch of the same pages, for
-several allocations in a row, and the rate at which the first touch makes memory usable. On a VM whose host backs guest memory lazily the first
-touch can be tens of times slower, which is why the runtime writes its KV caches at load
-(runtime/session.py, resident_zeros) instead of faulting them in during serving steps.
+several allocations in a row, and the rate at which the first touch makes memory usable. On a
+VM whose host backs guest memory lazily the first touch can be tens of times slower, which is
+why the runtime writes its KV caches at load (runtime/session.py, resident_zeros) instead of
+faulting them in during serving steps.
 
     .venv/bin/python scripts/first_touch.py [--mb 384] [--allocations 6]
 

@@ -27,7 +27,12 @@ from enginesmith.runtime.session import DECODE_KERNEL_MAX_ROWS
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--decode-kernels", action="store_true", help="LLM(decode_kernels=True)")
+    p.add_argument(
+        "--decode-kernels",
+        action="store_true",
+        help="decode steps on the compiled kernels, LLM(decode_kernels=True); without it every "
+        "step runs on ONNX Runtime, LLM(decode_kernels=False) (unlike the runtime's default)",
+    )
     p.add_argument("--engine", type=Path, help="engine directory (default: the bench's)")
     p.add_argument("--requests", type=int, default=64, help="requests in the workload")
     p.add_argument("--rate", type=float, default=32.0, help="Poisson arrivals per second")
