@@ -7,7 +7,8 @@ One run measures, on the same machine and the same token ids:
   transformers;
 * decode: batch 1, --decode-tokens greedy tokens after a --decode-prompt-tokens real-text prompt;
 * the memory-bandwidth bound of decode: read-only bandwidth measured here, divided by the
-  weight bytes one decoded token has to read;
+  bytes one decoded token has to read: every weight once, and the keys and values of the
+  tokens it attends over (a line gives our decode against the weights alone too);
 * the same prefill and decode on the model's *unfused* export (runtime/unfused_baseline.py):
   what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights;
 * the MatMul floor (runtime/matmul_floor.py): the engine's weight MatMuls alone, chained, on
@@ -87,10 +88,35 @@ def weight_bytes_per_token(
 
 
 def bound_tokens_per_s(bandwidth_bytes_per_s: float, bytes_per_token: int) -> float:
-    """Decode tokens/s if reading the weights at full memory bandwidth were the only cost."""
+    """Decode tokens/s if reading BYTES_PER_TOKEN at full memory bandwidth were the only cost."""
     if bytes_per_token <= 0:
         raise ValueError(f"bytes_per_token must be > 0 (got {bytes_per_token})")
     return bandwidth_bytes_per_s / bytes_per_token
+
+
+def kv_read_bytes_per_decoded_token(
+    bytes_per_cached_token: int, prompt_tokens: int, decode_tokens: int
+) -> int:
+    """KV-cache bytes that one timed decode step reads, averaged over the timed steps.
+
+    The decode is timed from its first to its last token, and the first comes with the
+    prefill: the step that yields token j (j = 2..N) attends over prompt + j - 1 cached
+    tokens (the new one included), prompt + N/2 on average. A step must read those keys and
+    values once, as it must read every weight once: both make the bandwidth bound.
+    """
+    if decode_tokens < 2:
+        return 0
+    return round(bytes_per_cached_token * (prompt_tokens + decode_tokens / 2))
+
+
+def torch_kv_bytes_per_cached_token(model: Any) -> int:
+    """Keys and values of one cached token in a transformers decoder (every layer, its KV
+    heads; the parameters' dtype)."""
+    config = model.config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    itemsize = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * kv_heads * head_dim * itemsize
 
 
 STEADY_TOLERANCE = 0.10  # bracketing bandwidth passes this close: the level held
@@ -633,6 +659,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         peer = load_model(source)
         peer.model.eval()
 
+    # Keys and values per cached token of each implementation's cache (the bound's KV part).
+    kv_cached = {"ours": int(llm.manifest["kv_cache"]["bytes_per_token"])}
+    if ort_steps is not None:
+        kv_cached["ours_ort_steps"] = kv_cached["ours"]
+    if unfused is not None:
+        kv_cached["unfused"] = unfused.kv_bytes_per_cached_token
+    if peer is not None:
+        kv_cached["transformers"] = torch_kv_bytes_per_cached_token(peer.model)
+
     samples: dict[str, list[float]] = {
         "ours_prefill": [],
         "ours_decode": [],
@@ -706,6 +741,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         last,
         bandwidth,
         brackets,
+        kv_cached,
     )
 
 
@@ -721,6 +757,7 @@ def _results(
     last: dict[str, Any],
     bandwidth: dict[str, Any],
     brackets: list[tuple[float, float]],
+    kv_cached: dict[str, int],
 ) -> dict[str, Any]:
     """Summaries, ratios and the bandwidth bound from the raw samples."""
     summary = {k: summarize(v) for k, v in samples.items() if v}
@@ -748,33 +785,52 @@ def _results(
     def med(key: str) -> float | None:
         return summary[key]["median"] if key in summary else None
 
+    def fractions(name: str, bytes_per_token: int) -> dict[str, Any]:
+        """The decode over the best-pass bound, over each repetition's own, over the steady
+        repetitions' (ours), for a bound of BYTES_PER_TOKEN."""
+        decodes = samples.get(f"{name}_decode", [])
+        per_run = [
+            d / bound_tokens_per_s(b, bytes_per_token)
+            for d, b in zip(decodes, run_bw, strict=False)
+        ]
+        out = {
+            "bound_tokens_per_s": bound_tokens_per_s(bw, bytes_per_token),
+            "decode_fraction_of_bound": ratio(
+                med(f"{name}_decode"), bound_tokens_per_s(bw, bytes_per_token)
+            ),
+            "decode_fraction_of_same_run_bound": summarize(per_run) if per_run else None,
+        }
+        if name in ("ours", "ours_ort_steps"):
+            steady = steady_fractions(decodes, brackets, bytes_per_token)
+            out["decode_fraction_of_steady_bound"] = summarize(steady) if steady else None
+            out["steady_runs"] = len(steady)
+        return out
+
     impl = {}
     for name in ("ours", "ours_ort_steps", "unfused", "matmul_floor", "transformers"):
         if name not in weights:
             continue
-        bound = bound_tokens_per_s(bw, weights[name].per_token)
-        per_run = [
-            d / bound_tokens_per_s(b, weights[name].per_token)
-            for d, b in zip(samples.get(f"{name}_decode", []), run_bw, strict=False)
-        ]
+        # The MatMul floor reads weights only; a decode also reads its KV cache.
+        kv = kv_read_bytes_per_decoded_token(
+            kv_cached.get(name, 0), len(decode_ids), args.decode_tokens
+        )
+        total = weights[name].per_token + kv
         impl[name] = {
             "prefill_tokens_per_s": summary.get(f"{name}_prefill"),
             "decode_tokens_per_s": summary.get(f"{name}_decode"),
             "weights": {**asdict(weights[name]), "bytes_per_token": weights[name].per_token},
-            "bound_tokens_per_s": bound,
-            # Bandwidth the decode actually drew, if weights were its only traffic.
+            "kv_bytes_per_cached_token": kv_cached.get(name, 0),
+            "kv_read_bytes_per_token": kv,
+            "bytes_per_token": total,
+            # Bandwidth the decode actually drew, if weights and KV were its only traffic.
             "decode_effective_bytes_per_s": (
-                decode * weights[name].per_token if (decode := med(f"{name}_decode")) else None
+                decode * total if (decode := med(f"{name}_decode")) else None
             ),
-            "decode_fraction_of_bound": ratio(med(f"{name}_decode"), bound),
-            "decode_fraction_of_same_run_bound": summarize(per_run) if per_run else None,
+            **fractions(name, total),
+            # The same against the weights alone (the bound before the KV cache was counted).
+            "weights_only": fractions(name, weights[name].per_token),
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
-    for name in ("ours", "ours_ort_steps"):
-        if name in impl:
-            steady = steady_fractions(samples[f"{name}_decode"], brackets, weights[name].per_token)
-            impl[name]["decode_fraction_of_steady_bound"] = summarize(steady) if steady else None
-            impl[name]["steady_runs"] = len(steady)
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
     unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
     ort_steps_tokens = last["ours_ort_steps"]["token_ids"] if last.get("ours_ort_steps") else None
@@ -906,7 +962,10 @@ def render(result: dict[str, Any]) -> str:
         f"tokens after a {s['decode_prompt_tokens']}-token prompt",
         f"memory bandwidth {bw['best_bytes_per_s'] / 1e9:.1f} GB/s ({bw['best_method']}, best pass;"
         f" best per phase {min(by_phase) / 1e9:.1f}-{max(by_phase) / 1e9:.1f} GB/s)",
-        f"weights read per decoded token {ours['weights']['bytes_per_token'] / 1e6:.1f} MB -> "
+        f"read per decoded token: weights {ours['weights']['bytes_per_token'] / 1e6:.1f} MB + "
+        f"KV cache {ours.get('kv_read_bytes_per_token', 0) / 1e6:.1f} MB (mean "
+        f"{s['decode_prompt_tokens'] + s['decode_tokens'] // 2} cached tokens) = "
+        f"{ours.get('bytes_per_token', ours['weights']['bytes_per_token']) / 1e6:.1f} MB -> "
         f"bound {ours['bound_tokens_per_s']:.1f} tok/s",
         "",
         format_table(headers, rows),
@@ -933,6 +992,8 @@ def render(result: dict[str, Any]) -> str:
                 else ""
             )
         )
+    if "weights_only" in ours:
+        lines.append(_weights_only_line(result))
     if r.get("kernels_vs_ort_steps_decode") is not None:
         lines.append(
             "decode kernels vs onnxruntime decode steps (same engine): "
@@ -960,6 +1021,27 @@ def render(result: dict[str, Any]) -> str:
             f"of {s['decode_tokens']}"
         )
     return "\n".join(lines)
+
+
+def _weights_only_line(result: dict[str, Any]) -> str:
+    """Our decodes against the bound of the weights alone (the KV cache not counted)."""
+    ours = result["implementations"]["ours"]
+    w = ours["weights_only"]
+    parts = [f"{format_percent(w['decode_fraction_of_same_run_bound']['median'])} of same-run"]
+    if w.get("decode_fraction_of_steady_bound"):
+        parts.append(
+            f"{format_cell(_percent_summary(w['decode_fraction_of_steady_bound']))}% steady"
+        )
+    alt = (result["implementations"].get("ours_ort_steps") or {}).get("weights_only", {})
+    if alt.get("decode_fraction_of_steady_bound"):
+        parts.append(
+            f"onnxruntime decode {format_cell(_percent_summary(alt['decode_fraction_of_steady_bound']))}"
+            "% steady"
+        )
+    return (
+        f"against the weights alone ({ours['weights']['bytes_per_token'] / 1e6:.1f} MB, bound "
+        f"{w['bound_tokens_per_s']:.1f} tok/s): " + ", ".join(parts)
+    )
 
 
 def _percent_summary(summary: dict[str, Any]) -> dict[str, Any]:

@@ -51,6 +51,8 @@ class UnfusedRunner:
             [i.name for i in self.session.get_inputs()].index(self.past_names[0])
         ].shape
         self.kv_heads, self.head_dim = int(shape[1]), int(shape[3])
+        # Every past input (a key and a value per layer) holds this much per cached token.
+        self.kv_bytes_per_cached_token = len(self.past_names) * self.kv_heads * self.head_dim * 4
 
     def _run(
         self, ids: list[int], start: int, pasts: dict[str, np.ndarray]

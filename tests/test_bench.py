@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,34 @@ def test_bound_tokens_per_s() -> None:
     assert bench.bound_tokens_per_s(34e9, 538_060_032) == pytest.approx(63.19, abs=0.01)
     with pytest.raises(ValueError):
         bench.bound_tokens_per_s(34e9, 0)
+
+
+def test_kv_read_bytes_average_the_timed_steps() -> None:
+    """The timed steps yield tokens 2..N; the step for token j attends over prompt + j - 1
+    cached tokens: the mean over those steps, counted one by one."""
+    per_token, prompt, n = 46080, 512, 256
+    contexts = [prompt + j - 1 for j in range(2, n + 1)]
+    expected = per_token * sum(contexts) / len(contexts)
+    assert bench.kv_read_bytes_per_decoded_token(per_token, prompt, n) == round(expected)
+    assert bench.kv_read_bytes_per_decoded_token(per_token, prompt, 1) == 0  # nothing timed
+
+
+def test_torch_kv_bytes_per_cached_token_counts_kv_heads() -> None:
+    """SmolLM2-135M: 30 layers, 3 KV heads of 64, fp32: the engine manifest's 46080."""
+    import torch
+
+    class Toy(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(2))
+            self.config = SimpleNamespace(
+                num_hidden_layers=30, hidden_size=576, num_attention_heads=9, num_key_value_heads=3
+            )
+
+    assert bench.torch_kv_bytes_per_cached_token(Toy()) == 46080
+    toy = Toy()
+    toy.config.num_key_value_heads = None  # MHA configs may leave it out: every head
+    assert bench.torch_kv_bytes_per_cached_token(toy) == 46080 * 3
 
 
 def test_steady_fractions_keep_runs_whose_bandwidth_held() -> None:
