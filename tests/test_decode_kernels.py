@@ -253,3 +253,50 @@ def test_step_thread_body_is_loaded_on_its_own_first(tiny_engine, monkeypatch) -
     assert [kind for kind, _ in events] == ["body", "step", "step"]
     assert events[0][1] == events[1][1]
     assert len(body.signatures) == len(decode_kernels.decode_step.signatures)
+
+
+ATTENTION_RTOL = 1e-5  # relative to the largest |output|; fp32 kernels vs the float64 reference
+
+
+@pytest.mark.parametrize(
+    ("num_heads", "kv_num_heads", "window"),
+    [(2, 2, -1), (4, 2, -1), (6, 2, -1), (8, 2, -1), (10, 2, 100), (7, 1, -1)],
+    ids=["group1", "group2", "group3", "group4", "group5-window", "group7"],
+)
+def test_attention_matches_the_published_math(
+    num_heads: int, kv_num_heads: int, window: int
+) -> None:
+    """The kernels' split-K attention against the plugin's float64 reference (softmax(q k^T
+    scale) v over the cached keys) for query groups that take the kernels' three-head passes,
+    their one-head passes and both, and contexts with an odd last key pair, a partial last
+    chunk and several chunks (positions 0, 130, 257 of 128-key chunks)."""
+    from enginesmith.plugins.flash_attention.reference import flash_attention_reference
+    from enginesmith.plugins.flash_attention.schema import FlashAttentionAttrs
+    from enginesmith.runtime import decode_kernels
+
+    head_dim, max_len, chunk = 16, 300, decode_kernels.ATTENTION_CHUNK
+    positions = np.array([0, 130, 257])
+    rows, group = len(positions), num_heads // kv_num_heads
+    rng = np.random.default_rng(num_heads * 10 + kv_num_heads)
+    cache_k = rng.standard_normal((rows, kv_num_heads, max_len, head_dim)).astype(np.float32)
+    cache_v = rng.standard_normal((rows, kv_num_heads, max_len, head_dim)).astype(np.float32)
+    q = rng.standard_normal((rows, num_heads * head_dim)).astype(np.float32)
+    # The new token's key and value are already in the cache (the step writes them first);
+    # the reference writes them again, unchanged.
+    new_k = np.stack([cache_k[m, :, p].reshape(-1) for m, p in enumerate(positions)])
+    new_v = np.stack([cache_v[m, :, p].reshape(-1) for m, p in enumerate(positions)])
+    qkv = np.concatenate([q, new_k, new_v], axis=1)
+    attrs = FlashAttentionAttrs(num_heads, kv_num_heads, head_dim, head_dim**-0.5, window)
+    want, _, _ = flash_attention_reference(
+        attrs, qkv[:, None], None, None, cache_k, cache_v,
+        positions.astype(np.int32), np.ones(rows, np.int32),
+    )  # fmt: skip
+    items = rows * kv_num_heads * decode_kernels.chunks_per_row(max_len, chunk)
+    out = np.zeros((rows, num_heads * head_dim), np.float32)
+    decode_kernels.attention_only(
+        qkv, positions, cache_k[None], cache_v[None], num_heads, kv_num_heads, head_dim,
+        np.float32(attrs.scale), window, chunk, np.zeros((items, group), np.float32),
+        np.zeros((items, group), np.float32), np.zeros((items, group, head_dim), np.float32), out,
+    )  # fmt: skip
+    want = want[:, 0]
+    assert np.abs(out - want).max() <= ATTENTION_RTOL * np.abs(want).max()
