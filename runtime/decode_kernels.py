@@ -202,60 +202,30 @@ def _exp_in_place(x, n, bits):  # type: ignore[no-untyped-def]
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _scores(q, keys, values, start, span, scores):  # type: ignore[no-untyped-def]
     """scores[:, :span] = q . keys[start + t] for every query head of the group (the rows of
-    q): two key rows at a time against three heads at a time, six dot products per pass over
-    the head dimension, so each loaded element of a key or a query serves two or three
-    products (one product per load left the loop waiting on loads). The group's heads past a
-    multiple of three go one at a time. Prefetches the keys PREFETCH_ROWS ahead and the value
-    rows the weighted sum reads next: each run of rows is too short for the hardware's
+    q) per key row read (the row stays in L1 across the heads; the group is not padded).
+    Prefetches the key PREFETCH_ROWS ahead and the
+    value row the weighted sum reads next: each run of rows is too short for the hardware's
     prefetchers, and in a step the weights' stream has pushed the cache out of L3."""
     last = keys.shape[0] - 1
-    heads = q.shape[0]
-    t = 0
-    while t < span:
-        two = t + 1 < span
-        k0 = keys[start + t]
-        k1 = keys[start + t + 1] if two else k0
-        for r in range(2):
-            ahead = keys[min(start + t + r + PREFETCH_ROWS, last)]
-            now = values[min(start + t + r, last)]
-            for c in range(0, k0.shape[0], CACHE_LINE_FLOATS):
-                prefetch(ahead, c)
-                prefetch(now, c)
-        hh = 0
-        while hh + 3 <= heads:
-            q0, q1, q2 = q[hh], q[hh + 1], q[hh + 2]
-            s0 = s1 = s2 = r0 = r1 = r2 = np.float32(0.0)
-            for d in range(k0.shape[0]):
-                a, b = k0[d], k1[d]
-                s0 += q0[d] * a
-                s1 += q1[d] * a
-                s2 += q2[d] * a
-                r0 += q0[d] * b
-                r1 += q1[d] * b
-                r2 += q2[d] * b
-            scores[hh, t], scores[hh + 1, t], scores[hh + 2, t] = s0, s1, s2
-            if two:
-                scores[hh, t + 1], scores[hh + 1, t + 1], scores[hh + 2, t + 1] = r0, r1, r2
-            hh += 3
-        while hh < heads:
+    for t in range(span):
+        key = keys[start + t]
+        ahead = keys[min(start + t + PREFETCH_ROWS, last)]
+        for c in range(0, key.shape[0], CACHE_LINE_FLOATS):
+            prefetch(ahead, c)
+            prefetch(values[start + t], c)
+        for hh in range(q.shape[0]):
             qh = q[hh]
-            s0 = r0 = np.float32(0.0)
-            for d in range(k0.shape[0]):
-                s0 += qh[d] * k0[d]
-                r0 += qh[d] * k1[d]
-            scores[hh, t] = s0
-            if two:
-                scores[hh, t + 1] = r0
-            hh += 1
-        t += 2
+            s = np.float32(0.0)
+            for d in range(key.shape[0]):
+                s += qh[d] * key[d]
+            scores[hh, t] = s
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _weighted_values(scores, values, start, span, acc):  # type: ignore[no-untyped-def]
     """acc = sum_t scores[:, t] * values[start + t] for every head of the group (the rows of
-    acc): four value rows per accumulator update (a quarter of the accumulator's loads and
-    stores), three heads per pass over the head dimension (each loaded value element serves
-    three heads); the heads past a multiple of three go one at a time."""
+    acc) per value row read, four value rows per accumulator update (a quarter of the
+    accumulator's loads and stores)."""
     width = values.shape[1]
     heads = acc.shape[0]
     acc[:, :] = 0.0
@@ -263,26 +233,11 @@ def _weighted_values(scores, values, start, span, acc):  # type: ignore[no-untyp
     while t + 4 <= span:
         v0, v1 = values[start + t], values[start + t + 1]
         v2, v3 = values[start + t + 2], values[start + t + 3]
-        hh = 0
-        while hh + 3 <= heads:
-            a0, a1, a2 = acc[hh], acc[hh + 1], acc[hh + 2]
-            x0, x1, x2, x3 = scores[hh, t], scores[hh, t + 1], scores[hh, t + 2], scores[hh, t + 3]
-            y0, y1 = scores[hh + 1, t], scores[hh + 1, t + 1]
-            y2, y3 = scores[hh + 1, t + 2], scores[hh + 1, t + 3]
-            z0, z1 = scores[hh + 2, t], scores[hh + 2, t + 1]
-            z2, z3 = scores[hh + 2, t + 2], scores[hh + 2, t + 3]
-            for d in range(width):
-                e0, e1, e2, e3 = v0[d], v1[d], v2[d], v3[d]
-                a0[d] += x0 * e0 + x1 * e1 + x2 * e2 + x3 * e3
-                a1[d] += y0 * e0 + y1 * e1 + y2 * e2 + y3 * e3
-                a2[d] += z0 * e0 + z1 * e1 + z2 * e2 + z3 * e3
-            hh += 3
-        while hh < heads:
+        for hh in range(heads):
             w0, w1, w2, w3 = scores[hh, t], scores[hh, t + 1], scores[hh, t + 2], scores[hh, t + 3]
             a = acc[hh]
             for d in range(width):
                 a[d] += w0 * v0[d] + w1 * v1[d] + w2 * v2[d] + w3 * v3[d]
-            hh += 1
         t += 4
     while t < span:
         v0 = values[start + t]
