@@ -521,8 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="enginesmith bench",
         description=(
             "Benchmark prefill and batch-1 decode of an engine against Hugging Face transformers "
-            "on the same weights, and decode against the memory-bandwidth bound. Prints a table "
-            "and writes every raw sample to a JSON file."
+            "on the same weights, and decode against the memory-bandwidth bound (the weights and "
+            "the KV cache a decoded token reads, over the read bandwidth measured in the same "
+            "run). Prints a table and writes every raw sample to a JSON file."
         ),
     )
     p.add_argument(
