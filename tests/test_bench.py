@@ -481,3 +481,51 @@ def test_matmul_floor_uses_the_engines_weight_shapes(tiny_engine) -> None:  # ty
     floor = MatMulFloor(shapes)
     assert floor.weight_bytes == sum(4 * k * n for k, n in shapes)
     assert floor.tokens_per_s(steps=4) > 0
+
+
+def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Path) -> None:
+    """_results divides each decode by the bound of the weights plus the KV cache it reads
+    (and keeps the weights-alone figures); render prints both. Toy numbers: 224 weight bytes
+    and 8 KV bytes per cached token, a 4-token prompt and 4 decoded tokens (mean context
+    4 + 4/2 = 6: 48 KV bytes), a bandwidth of 100 full tokens/s."""
+    import argparse
+
+    _onnx_lm(True, tmp_path)
+    total = 224 + 48
+    bw = {"samples_bytes_per_s": {"toy read": [total * 100.0]}}
+    llm = SimpleNamespace(
+        manifest={"files_by_role": {"model": "model.onnx"}, "source": {"model": "toy"}}
+    )
+    samples: dict[str, list[float]] = {
+        "ours_prefill": [500.0],
+        "ours_decode": [50.0],
+        "ours_decode_step_only": [55.0],
+    }
+    result = bench._results(
+        argparse.Namespace(runs=1, decode_tokens=4),
+        [],
+        tmp_path,
+        llm,
+        None,
+        [1, 2, 3, 4, 5],
+        [1, 2, 3, 4],
+        samples,
+        {"ours": {"token_ids": [1, 2, 3, 4]}},
+        {"before": bw, "run 1": bw, "after": bw},
+        [(total * 100.0, total * 100.0)],
+        {"ours": 8},
+    )
+    ours = result["implementations"]["ours"]
+    assert (ours["kv_read_bytes_per_token"], ours["bytes_per_token"]) == (48, total)
+    assert ours["bound_tokens_per_s"] == pytest.approx(100.0)
+    assert ours["decode_fraction_of_same_run_bound"]["median"] == pytest.approx(0.5)
+    assert ours["decode_fraction_of_steady_bound"]["median"] == pytest.approx(0.5)
+    weights_only = ours["weights_only"]
+    assert weights_only["bound_tokens_per_s"] == pytest.approx(total * 100.0 / 224)
+    assert weights_only["decode_fraction_of_steady_bound"]["median"] == pytest.approx(
+        50.0 * 224 / (total * 100.0)
+    )
+    text = bench.render(result)
+    assert "weights 0.0 MB + KV cache 0.0 MB (mean 6 cached tokens)" in text
+    assert "-> bound 100.0 tok/s" in text
+    assert "against the weights alone" in text and "41.2% of same-run" in text
