@@ -964,9 +964,9 @@ def render(result: dict[str, Any]) -> str:
         f"memory bandwidth {bw['best_bytes_per_s'] / 1e9:.1f} GB/s ({bw['best_method']}, best pass;"
         f" best per phase {min(by_phase) / 1e9:.1f}-{max(by_phase) / 1e9:.1f} GB/s)",
         f"read per decoded token: weights {ours['weights']['bytes_per_token'] / 1e6:.1f} MB + "
-        f"KV cache {ours.get('kv_read_bytes_per_token', 0) / 1e6:.1f} MB (mean "
+        f"KV cache {ours['kv_read_bytes_per_token'] / 1e6:.1f} MB (mean "
         f"{s['decode_prompt_tokens'] + s['decode_tokens'] // 2} cached tokens) = "
-        f"{ours.get('bytes_per_token', ours['weights']['bytes_per_token']) / 1e6:.1f} MB -> "
+        f"{ours['bytes_per_token'] / 1e6:.1f} MB -> "
         f"bound {ours['bound_tokens_per_s']:.1f} tok/s",
         "",
         format_table(headers, rows),
@@ -993,8 +993,7 @@ def render(result: dict[str, Any]) -> str:
                 else ""
             )
         )
-    if "weights_only" in ours:
-        lines.append(_weights_only_line(result))
+    lines.append(_weights_only_line(result))
     if r.get("kernels_vs_ort_steps_decode") is not None:
         lines.append(
             "decode kernels vs onnxruntime decode steps (same engine): "

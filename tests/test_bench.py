@@ -267,9 +267,15 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "decode_tokens_per_s": bench.summarize([67.0, 68.0, 69.0]),
             "decode_step_only_tokens_per_s": bench.summarize([68.0, 69.0, 70.0]),
             "weights": weights,
+            "kv_read_bytes_per_token": 29_491_200,
+            "bytes_per_token": 538_060_032 + 29_491_200,
             "bound_tokens_per_s": 143.0,
             "decode_fraction_of_bound": 68.0 / 143.0,
             "decode_fraction_of_same_run_bound": bench.summarize([0.6, 0.7, 0.8]),
+            "weights_only": {
+                "bound_tokens_per_s": 150.9,
+                "decode_fraction_of_same_run_bound": bench.summarize([0.55, 0.65, 0.75]),
+            },
         }
     }
     if with_peer:
@@ -321,6 +327,8 @@ def test_render_with_transformers() -> None:
     assert "77.0 GB/s" in out
     assert "best per phase 49.0-77.0 GB/s" in out
     assert "bound 143.0 tok/s" in out
+    assert "weights 538.1 MB + KV cache 29.5 MB (mean 640 cached tokens) = 567.6 MB" in out
+    assert "against the weights alone (538.1 MB, bound 150.9 tok/s): 65.0% of same-run" in out
     ours_row = next(line for line in out.splitlines() if line.startswith("enginesmith"))
     assert "1000 [900-1100]" in ours_row
     assert "68.0 [67.0-69.0]" in ours_row

@@ -267,9 +267,9 @@ def test_attention_matches_the_published_math(
     num_heads: int, kv_num_heads: int, window: int
 ) -> None:
     """The kernels' split-K attention against the plugin's float64 reference (softmax(q k^T
-    scale) v over the cached keys) for query groups that take the kernels' three-head passes,
-    their one-head passes and both, and contexts with an odd last key pair, a partial last
-    chunk and several chunks (positions 0, 130, 257 of 128-key chunks)."""
+    scale) v over the cached keys) for query groups of 1 to 7 heads per KV head, with and
+    without a window, over contexts of one key, of a partial last chunk and of several
+    chunks (positions 0, 130, 257 of 128-key chunks)."""
     from enginesmith.plugins.flash_attention.reference import flash_attention_reference
     from enginesmith.plugins.flash_attention.schema import FlashAttentionAttrs
     from enginesmith.runtime import decode_kernels
