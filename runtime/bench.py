@@ -355,7 +355,9 @@ def ours_decode(llm: Any, prompt: str, tokens: int) -> dict[str, Any]:
 
     `wall_tokens_per_s` spans first to last token as the caller sees them (sampling and
     detokenizing included): the same clock as transformers' streamer timestamps, so it is the
-    one compared. `step_tokens_per_s` is stats.decode_tokens_per_s (engine steps only).
+    one compared. `step_tokens_per_s` is stats.engine_decode_tokens_per_s: the same tokens
+    over the engine's decode calls alone, so the gap between the two is the host's time per
+    token between calls (scheduling, sampling, detokenizing).
     """
     from enginesmith.runtime.sampling import SamplingParams
 
@@ -365,7 +367,7 @@ def ours_decode(llm: Any, prompt: str, tokens: int) -> dict[str, Any]:
     wall = s.total_s - s.time_to_first_token_s
     return {
         "wall_tokens_per_s": steps / wall if wall > 0 and steps > 0 else 0.0,
-        "step_tokens_per_s": s.decode_tokens_per_s,
+        "step_tokens_per_s": s.engine_decode_tokens_per_s,
         "generated_tokens": s.generated_tokens,
         "token_ids": list(out.token_ids),
     }
@@ -832,6 +834,13 @@ def _results(
             "weights_only": fractions(name, weights[name].per_token),
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
+    # Host time per token between the engine's decode calls, per repetition.
+    host_ms = [
+        1e3 / wall - 1e3 / step
+        for wall, step in zip(samples["ours_decode"], samples["ours_decode_step_only"], strict=True)
+        if wall > 0 and step > 0
+    ]
+    impl["ours"]["decode_host_ms_per_token"] = summarize(host_ms) if host_ms else None
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
     unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
     ort_steps_tokens = last["ours_ort_steps"]["token_ids"] if last.get("ours_ort_steps") else None
@@ -971,7 +980,9 @@ def render(result: dict[str, Any]) -> str:
         "",
         format_table(headers, rows),
         "",
-        f"engine decode counting engine steps only (stats.decode_tokens_per_s): {format_cell(step)}",
+        "engine decode counting its decode calls only (stats.engine_decode_tokens_per_s): "
+        f"{format_cell(step)}; host time per token between the calls: "
+        f"{format_cell(ours.get('decode_host_ms_per_token'), 2)} ms",
     ]
     if r.get("fused_vs_matmul_floor_decode") is not None:
         lines.append(

@@ -45,6 +45,9 @@ class RequestStats:
     time_to_first_token_s: float = 0.0
     prefill_s: float = 0.0  # engine time of the calls that computed this request's prompt
     decode_s: float = 0.0  # from the first to the last generated token
+    # Engine time of the decode calls that computed tokens 2..n (a call that steps several
+    # requests counts in full for each): decode_s less what the host does between calls.
+    decode_engine_s: float = 0.0
     total_s: float = 0.0
     num_preemptions: int = 0
     # time.perf_counter() of the request's arrival and of each generated token (for TTFT/ITL).
@@ -57,8 +60,16 @@ class RequestStats:
 
     @property
     def decode_tokens_per_s(self) -> float:
+        """Tokens after the first, per second from the first to the last (the caller's rate)."""
         steps = self.generated_tokens - 1
         return steps / self.decode_s if self.decode_s and steps > 0 else 0.0
+
+    @property
+    def engine_decode_tokens_per_s(self) -> float:
+        """The same tokens per second of the engine's decode calls alone (no sampling,
+        detokenizing, scheduling or other host work between them)."""
+        steps = self.generated_tokens - 1
+        return steps / self.decode_engine_s if self.decode_engine_s and steps > 0 else 0.0
 
 
 @dataclass
@@ -184,7 +195,12 @@ class EngineCore:
         logits: dict[str, np.ndarray] = {}
         decodes = [c for c in chunks if c.num_new_tokens == 1]
         if decodes:
+            start = time.perf_counter()
             logits.update(self._run_decodes(decodes))
+            elapsed = time.perf_counter() - start
+            for chunk in decodes:
+                if chunk.start >= len(chunk.request.prompt_token_ids):  # not a 1-token prompt
+                    self.live[chunk.request.request_id].stats.decode_engine_s += elapsed
         for group in group_prefill_chunks([c for c in chunks if c.num_new_tokens > 1]):
             start = time.perf_counter()
             logits.update(self._run_prefill_group(group))

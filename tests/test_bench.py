@@ -266,6 +266,7 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "prefill_tokens_per_s": bench.summarize([900.0, 1000.0, 1100.0]),
             "decode_tokens_per_s": bench.summarize([67.0, 68.0, 69.0]),
             "decode_step_only_tokens_per_s": bench.summarize([68.0, 69.0, 70.0]),
+            "decode_host_ms_per_token": bench.summarize([0.2, 0.21, 0.25]),
             "weights": weights,
             "kv_read_bytes_per_token": 29_491_200,
             "bytes_per_token": 538_060_032 + 29_491_200,
@@ -334,6 +335,8 @@ def test_render_with_transformers() -> None:
     assert "68.0 [67.0-69.0]" in ours_row
     assert "2.50x" in ours_row and "2.12x" in ours_row and "47.6%" in ours_row
     assert ours_row.split()[-1] == "70.0%"  # median of the same-run fractions
+    assert "decode calls only (stats.engine_decode_tokens_per_s): 69.0 [68.0-70.0]" in out
+    assert "host time per token between the calls: 0.21 [0.20-0.25] ms" in out
     unfused_row = next(line for line in out.splitlines() if line.startswith("unfused"))
     assert "1.25x" in unfused_row and "1.56x" in unfused_row and unfused_row.split()[-1] == "-"
     assert "fused vs unfused export: prefill 2.00x, decode 1.36x" in out
@@ -533,7 +536,11 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
     assert weights_only["decode_fraction_of_steady_bound"]["median"] == pytest.approx(
         50.0 * 224 / (total * 100.0)
     )
+    # 50 tok/s as the caller sees it, 55 over the engine's decode calls: 20 - 18.18 ms.
+    assert ours["decode_host_ms_per_token"]["median"] == pytest.approx(1e3 / 50 - 1e3 / 55)
     text = bench.render(result)
+    assert "decode calls only (stats.engine_decode_tokens_per_s): 55.0" in text
+    assert "host time per token between the calls: 1.82 [1.82-1.82] ms" in text
     assert "weights 0.0 MB + KV cache 0.0 MB (mean 6 cached tokens)" in text
     assert "-> bound 100.0 tok/s" in text
     assert "against the weights alone" in text and "41.2% of same-run" in text

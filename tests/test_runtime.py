@@ -118,6 +118,9 @@ def test_stats_are_filled(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     assert s.generated_tokens == 8 and s.prompt_tokens > 0
     assert 0 < s.time_to_first_token_s <= s.total_s
     assert s.decode_tokens_per_s > 0 and s.prefill_tokens_per_s > 0
+    # The engine's decode calls lie inside the first-to-last-token span, host work between.
+    assert 0 < s.decode_engine_s < s.decode_s
+    assert s.engine_decode_tokens_per_s > s.decode_tokens_per_s
 
 
 def _resident_fraction(array: np.ndarray) -> float:
