@@ -1,0 +1,202 @@
+"""Decode-step time of the committed kernels (runtime/decode_kernels.py) against edited copies
+of that module, in one process, taking turns: the way to tell whether a kernel change is
+faster on a host whose memory bandwidth flips between levels from one minute to the next.
+
+    .venv/bin/python scripts/compare_kernel_variants.py ENGINE_DIR VARIANT.py [VARIANT.py ...]
+        [--context 640] [--steps 40] [--reps 8]
+
+A VARIANT is a full copy of runtime/decode_kernels.py with a change in it, kept outside the
+repository (e.g. /tmp/variants/merge_in_phase.py); its `decode_step` replaces the committed one
+in the engine's CompiledDecoder, so it must keep decode_step's arguments. Each set's thread
+body is compiled (or loaded) on its own before its decode_step, as the runtime does for the
+committed one, so every set runs its standalone body (docs/benchmarks.md, "Which compiled copy
+of the step runs").
+
+Each repetition times every kernel set in turn (order reversed every other repetition): the
+median of STEPS 1-row steps after CONTEXT cached tokens (random cache contents), and the median
+of the weight products alone (decode_step with weights_only, which runs none of the attention
+code: a change there that moves it shows the compiler laying out the one big step function
+differently). The read bandwidth is sampled before the repetition and after each set's turn;
+the summary counts only the repetitions whose samples all lie within 10% of each other (the
+host held one level through them) and divides each set's times by the committed kernels' in
+the same repetition.
+
+Each variant's logits are compared with the committed kernels' first (the largest difference
+is printed): a variant that changes results is measured all the same, but says so.
+Writes JSON into the cache's bench/ folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import numpy as np
+
+from enginesmith.compiler.artifact import read_manifest
+from enginesmith.compiler.presets import cache_dir
+from enginesmith.runtime import decode_kernels
+from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth
+from enginesmith.runtime.session import EngineSession
+
+COMMITTED = "committed"
+LEVEL_TOLERANCE = 0.10  # bandwidth samples of a repetition this close: the level held
+
+
+def load_variant(path: Path) -> ModuleType:
+    """Import PATH as a module of its own (numba caches its compiled code next to it)."""
+    spec = importlib.util.spec_from_file_location(f"kernel_variant_{path.stem}", path)
+    if spec is None or spec.loader is None:
+        raise SystemExit(f"cannot import {path}: is it a .py copy of runtime/decode_kernels.py?")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    if not hasattr(module, "decode_step"):
+        raise SystemExit(f"{path} has no decode_step: copy runtime/decode_kernels.py and edit it")
+    return module
+
+
+def median_ms(fn: Any, calls: int) -> float:
+    times = []
+    for i in range(calls):
+        t = time.perf_counter()
+        fn(i)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times[2:])) * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
+    p.add_argument("variants", type=Path, nargs="+", help="edited copies of decode_kernels.py")
+    p.add_argument("--context", type=int, default=640, help="cached tokens before the steps")
+    p.add_argument("--steps", type=int, default=40, help="steps timed per turn (2 warm-up)")
+    p.add_argument("--reps", type=int, default=8, help="repetitions (each kernel set once)")
+    args = p.parse_args()
+    if args.steps < 3 or args.reps < 1 or args.context < 1:
+        p.error("--steps must be >= 3 (2 are warm-up), --reps and --context >= 1")
+    missing = [str(v) for v in args.variants if not v.is_file()]
+    if missing:
+        p.error(f"no such variant file: {', '.join(missing)}")
+
+    manifest = read_manifest(args.engine, verify_hashes=False)
+    session = EngineSession(args.engine, manifest, decode_kernels=True)
+    decoder = session.decoder
+    if decoder is None:
+        raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
+    rng = np.random.default_rng(0)
+    for buffer in (session.cache_key_all, session.cache_value_all):
+        buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+    kernel_sets = {COMMITTED: decode_kernels} | {v.stem: load_variant(v) for v in args.variants}
+
+    def use(module: ModuleType) -> None:
+        """Step with MODULE's decode_step, its thread body compiled (or loaded) on its own
+        first, as the runtime does for the committed one (CompiledDecoder.
+        _load_step_thread_first): every set then runs its standalone body."""
+        decoder._run = module.decode_step
+        if module.decode_step.signatures:
+            return
+
+        def load_body_first(launch_args: tuple[Any, ...]) -> None:
+            body = module._step_thread
+            body.compile(tuple(body.typeof_pyval(a) for a in launch_args))
+            decoder._step_thread_loaded = True
+
+        decoder._step_thread_loaded = False
+        decoder._load_step_thread_first = load_body_first  # type: ignore[method-assign]
+
+    def step(i: int) -> np.ndarray:
+        keys, values = session.cache_key_all, session.cache_value_all
+        return decoder.step(
+            keys, values, 0, np.full(1, 7), np.full(1, args.context + i), np.arange(1)
+        )
+
+    differences: dict[str, float] = {}
+    reference = None
+    for name, module in kernel_sets.items():
+        use(module)
+        start = time.perf_counter()
+        logits = step(0)  # compiles, or loads from numba's cache
+        print(f"{name}: ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
+        reference = logits if reference is None else reference
+        differences[name] = float(np.abs(logits - reference).max())
+
+    samples: dict[str, dict[str, list[float]]] = {
+        n: {"step": [], "weights": []} for n in kernel_sets
+    }
+
+    def read_bandwidth() -> float:
+        return best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
+
+    bandwidth: list[list[float]] = []  # per repetition: before, then after each set's turn
+    order = list(kernel_sets.items())
+    for rep in range(args.reps):
+        bandwidth.append([read_bandwidth()])
+        for name, module in order if rep % 2 == 0 else order[::-1]:
+            use(module)
+            samples[name]["step"].append(median_ms(step, args.steps))
+            samples[name]["weights"].append(
+                median_ms(lambda i: decoder.weight_products_only(1), args.steps // 2 + 2)
+            )
+            bandwidth[-1].append(read_bandwidth())
+        print(
+            f"rep {rep + 1}: "
+            + ", ".join(
+                f"{n} {s['step'][-1]:.2f} ms (weights {s['weights'][-1]:.2f})"
+                for n, s in samples.items()
+            )
+            + f", read bandwidth {min(bandwidth[-1]) / 1e9:.1f}-{max(bandwidth[-1]) / 1e9:.1f} GB/s",
+            flush=True,
+        )
+
+    held = [i for i, bw in enumerate(bandwidth) if max(bw) <= (1 + LEVEL_TOLERANCE) * min(bw)]
+    if not held:
+        raise SystemExit("the host changed level in every repetition: run again, or more --reps")
+    levels = [float(np.median(bandwidth[i])) / 1e9 for i in held]
+    print(
+        f"\n{len(held)} of {args.reps} repetitions held one level ({min(levels):.1f}-"
+        f"{max(levels):.1f} GB/s); medians over those; ratios to the committed kernels in the "
+        "same repetition"
+    )
+    print(
+        f"{'kernels':<28} {'step ms':>8} {'vs committed':>13} {'weights ms':>11} {'vs committed':>13} {'max |logit diff|':>17}"
+    )
+    summary: dict[str, dict[str, float]] = {}
+    for name, s in samples.items():
+        row: dict[str, float] = {"max_abs_logit_difference": differences[name]}
+        for what in ("step", "weights"):
+            mine = np.array(s[what])[held]
+            base = np.array(samples[COMMITTED][what])[held]
+            row[f"{what}_ms"] = float(np.median(mine))
+            row[f"{what}_vs_committed"] = float(np.median(mine / base))
+        summary[name] = row
+        print(
+            f"{name:<28} {row['step_ms']:8.2f} {row['step_vs_committed']:12.3f}x "
+            f"{row['weights_ms']:11.2f} {row['weights_vs_committed']:12.3f}x {differences[name]:17.2e}"
+        )
+    out = cache_dir() / "bench" / f"kernel-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(
+        json.dumps(
+            {
+                "command": " ".join(sys.argv),
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "samples_ms": samples,
+                "bandwidth_bytes_per_s": bandwidth,
+                "held_repetitions": held,
+                "summary": summary,
+            },
+            indent=2,
+        )
+    )
+    print(f"JSON: {out}")
+
+
+if __name__ == "__main__":
+    main()
