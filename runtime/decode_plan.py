@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
@@ -308,11 +309,16 @@ class CompiledDecoder:
         self._gate_up = np.zeros((max_batch, plan.w_gate_up.shape[1]), f32)
         self._act = np.zeros((max_batch, plan.w_down.shape[2]), f32)
         self._sync = np.zeros(0, np.int64)  # sized for self.threads at each launch
+        self.use_kernels(decode_kernels)
+
+    def use_kernels(self, kernels: ModuleType) -> None:
+        """Run steps on KERNELS: runtime/decode_kernels.py (the default) or an edited copy of
+        it under test (scripts/compare_kernel_variants.py). Its step's thread body is loaded
+        on its own before its first step, as the committed one's is."""
+        self._kernels = kernels
+        self._run = kernels.decode_step
+        self._attention = kernels.attention_only
         self._step_thread_loaded = False
-        self._sync_counters = decode_kernels.sync_counters
-        self._run = decode_kernels.decode_step
-        self._attention = decode_kernels.attention_only
-        self._chunks_per_row = decode_kernels.chunks_per_row
 
     def step(
         self,
@@ -329,7 +335,7 @@ class CompiledDecoder:
         span = int(positions.max()) + 1 if rows else 0
         if a.local_window_size >= 0:
             span = min(span, a.local_window_size)  # chunks start at the window's first key
-        per_row = self._chunks_per_row(span, self.chunk)
+        per_row = self._kernels.chunks_per_row(span, self.chunk)
         logits = np.empty((logits_rows.shape[0], plan.lm_head.shape[0]), np.float32)
         self._launch(False, input_ids, positions, logits_rows, start, per_row, logits,
                      cache_key, cache_value)  # fmt: skip
@@ -351,7 +357,7 @@ class CompiledDecoder:
         rows, d = input_ids.shape[0], plan.embed.shape[1]
         selected = np.empty((logits_rows.shape[0], d), np.float32)
         final = np.zeros_like(selected)  # weights_only: defined inputs for the LM head
-        needed = self._sync_counters(plan.w_qkv.shape[0], self.threads)
+        needed = self._kernels.sync_counters(plan.w_qkv.shape[0], self.threads)
         if self._sync.shape[0] != needed:
             self._sync = np.zeros(needed, np.int64)
         self._sync.fill(0)
@@ -388,9 +394,7 @@ class CompiledDecoder:
         the re-optimized copy was 12% slower (scripts/compare_step_body.py,
         docs/benchmarks.md). decode_step passes its arguments through unchanged, so their
         types are _step_thread's signature."""
-        from enginesmith.runtime import decode_kernels
-
-        body = decode_kernels._step_thread
+        body = self._kernels._step_thread
         body.compile(tuple(body.typeof_pyval(a) for a in args))
         self._step_thread_loaded = True
 

@@ -7,10 +7,10 @@ faster on a host whose memory bandwidth flips between levels from one minute to 
 
 A VARIANT is a full copy of runtime/decode_kernels.py with a change in it, kept outside the
 repository (e.g. /tmp/variants/merge_in_phase.py); its `decode_step` replaces the committed one
-in the engine's CompiledDecoder, so it must keep decode_step's arguments. Each set's thread
-body is compiled (or loaded) on its own before its decode_step, as the runtime does for the
-committed one, so every set runs its standalone body (docs/benchmarks.md, "Which compiled copy
-of the step runs").
+in the engine's CompiledDecoder (CompiledDecoder.use_kernels), so it must keep decode_step's
+arguments. Each set's thread body is compiled (or loaded) on its own before its decode_step,
+as the runtime does for the committed one, so every set runs its standalone body
+(docs/benchmarks.md, "Which compiled copy of the step runs").
 
 Each repetition times every kernel set in turn (order reversed every other repetition): the
 median of STEPS 1-row steps after CONTEXT cached tokens (random cache contents), and the median
@@ -35,9 +35,9 @@ import sys
 import time
 from pathlib import Path
 from types import ModuleType
-from typing import Any
 
 import numpy as np
+from compare_decode_kernels import fill_random_caches, step_ms  # neighbours in scripts/
 
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.compiler.presets import cache_dir
@@ -62,15 +62,6 @@ def load_variant(path: Path) -> ModuleType:
     return module
 
 
-def median_ms(fn: Any, calls: int) -> float:
-    times = []
-    for i in range(calls):
-        t = time.perf_counter()
-        fn(i)
-        times.append(time.perf_counter() - t)
-    return float(np.median(times[2:])) * 1e3
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
@@ -90,39 +81,24 @@ def main() -> None:
     decoder = session.decoder
     if decoder is None:
         raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
-    rng = np.random.default_rng(0)
-    for buffer in (session.cache_key_all, session.cache_value_all):
-        buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+    fill_random_caches(session)
     kernel_sets = {COMMITTED: decode_kernels} | {v.stem: load_variant(v) for v in args.variants}
 
-    def use(module: ModuleType) -> None:
-        """Step with MODULE's decode_step, its thread body compiled (or loaded) on its own
-        first, as the runtime does for the committed one (CompiledDecoder.
-        _load_step_thread_first): every set then runs its standalone body."""
-        decoder._run = module.decode_step
-        if module.decode_step.signatures:
-            return
-
-        def load_body_first(launch_args: tuple[Any, ...]) -> None:
-            body = module._step_thread
-            body.compile(tuple(body.typeof_pyval(a) for a in launch_args))
-            decoder._step_thread_loaded = True
-
-        decoder._step_thread_loaded = False
-        decoder._load_step_thread_first = load_body_first  # type: ignore[method-assign]
-
-    def step(i: int) -> np.ndarray:
+    def step(rows: int, position: int) -> np.ndarray:
         keys, values = session.cache_key_all, session.cache_value_all
         return decoder.step(
-            keys, values, 0, np.full(1, 7), np.full(1, args.context + i), np.arange(1)
+            keys, values, 0, np.full(rows, 7), np.full(rows, position), np.arange(rows)
         )
+
+    def weights_only(rows: int, position: int) -> None:
+        decoder.weight_products_only(rows)
 
     differences: dict[str, float] = {}
     reference = None
     for name, module in kernel_sets.items():
-        use(module)
+        decoder.use_kernels(module)
         start = time.perf_counter()
-        logits = step(0)  # compiles, or loads from numba's cache
+        logits = step(1, args.context)  # compiles, or loads from numba's cache
         print(f"{name}: ready in {time.perf_counter() - start:.0f} s", file=sys.stderr, flush=True)
         reference = logits if reference is None else reference
         differences[name] = float(np.abs(logits - reference).max())
@@ -139,11 +115,9 @@ def main() -> None:
     for rep in range(args.reps):
         bandwidth.append([read_bandwidth()])
         for name, module in order if rep % 2 == 0 else order[::-1]:
-            use(module)
-            samples[name]["step"].append(median_ms(step, args.steps))
-            samples[name]["weights"].append(
-                median_ms(lambda i: decoder.weight_products_only(1), args.steps // 2 + 2)
-            )
+            decoder.use_kernels(module)
+            samples[name]["step"].append(step_ms(step, args.context, args.steps, 1))
+            samples[name]["weights"].append(step_ms(weights_only, 0, args.steps // 2 + 2, 1))
             bandwidth[-1].append(read_bandwidth())
         print(
             f"rep {rep + 1}: "
