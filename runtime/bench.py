@@ -25,6 +25,7 @@ progress to stderr, and everything (raw samples included) to a JSON file.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.metadata
 import json
 import os
@@ -303,6 +304,15 @@ def torch_weight_bytes(model: Any) -> WeightBytes:
     )
 
 
+@functools.cache
+def _bandwidth_array(nbytes: int) -> np.ndarray:
+    """The array the bandwidth passes read, written once so every page is resident, and kept
+    for the whole process: a GiB freed just before a decode cost that decode 2-3 stalled calls
+    of 30-50 ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
+    and the bench samples bandwidth right before its decodes."""
+    return np.full(nbytes // 4, 1.0, np.float32)
+
+
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, reps: int = BANDWIDTH_REPS) -> dict[str, Any]:
     """Read-only memory bandwidth (bytes/s) of full passes that sum a float32 array.
 
@@ -311,7 +321,7 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, reps: int = BANDWIDTH_REPS)
     """
     import torch
 
-    data = np.full(nbytes // 4, 1.0, np.float32)  # written once so every page is resident
+    data = _bandwidth_array(nbytes)
     tensor = torch.from_numpy(data)
     methods: dict[str, Callable[[], object]] = {
         "numpy np.add.reduce (1 thread)": lambda: np.add.reduce(data),
@@ -357,7 +367,9 @@ def ours_decode(llm: Any, prompt: str, tokens: int) -> dict[str, Any]:
     detokenizing included): the same clock as transformers' streamer timestamps, so it is the
     one compared. `step_tokens_per_s` is stats.engine_decode_tokens_per_s: the same tokens
     over the engine's decode calls alone, so the gap between the two is the host's time per
-    token between calls (scheduling, sampling, detokenizing).
+    token between calls (scheduling, sampling, detokenizing). `median_call_tokens_per_s` is
+    one token per call at the median call's time, and `slow_call_share` what the calls over
+    twice the median took beyond it (stalls from outside the process, docs/benchmarks.md).
     """
     from enginesmith.runtime.sampling import SamplingParams
 
@@ -368,6 +380,8 @@ def ours_decode(llm: Any, prompt: str, tokens: int) -> dict[str, Any]:
     return {
         "wall_tokens_per_s": steps / wall if wall > 0 and steps > 0 else 0.0,
         "step_tokens_per_s": s.engine_decode_tokens_per_s,
+        "median_call_tokens_per_s": s.median_decode_call_tokens_per_s,
+        "slow_call_share": s.slow_decode_call_share,
         "generated_tokens": s.generated_tokens,
         "token_ids": list(out.token_ids),
     }
@@ -675,6 +689,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "ours_prefill": [],
         "ours_decode": [],
         "ours_decode_step_only": [],
+        "ours_decode_median_call": [],
+        "ours_decode_slow_call_share": [],
         "transformers_prefill": [],
         "transformers_decode": [],
         "unfused_prefill": [],
@@ -720,6 +736,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         samples["ours_prefill"].append(p_ours)
         samples["ours_decode"].append(d_ours["wall_tokens_per_s"])
         samples["ours_decode_step_only"].append(d_ours["step_tokens_per_s"])
+        samples["ours_decode_median_call"].append(d_ours["median_call_tokens_per_s"])
+        samples["ours_decode_slow_call_share"].append(d_ours["slow_call_share"])
         if p_peer is not None and d_peer is not None:
             samples["transformers_prefill"].append(p_peer)
             samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
@@ -841,6 +859,25 @@ def _results(
         if wall > 0 and step > 0
     ]
     impl["ours"]["decode_host_ms_per_token"] = summarize(host_ms) if host_ms else None
+    # The engine at its median decode call, against the same bounds as the caller's rate.
+    median_call = samples.get("ours_decode_median_call", [])
+    if median_call:
+        total = impl["ours"]["bytes_per_token"]
+        impl["ours"]["decode_median_call"] = {
+            "tokens_per_s": summarize(median_call),
+            "fraction_of_same_run_bound": summarize(
+                [
+                    d / bound_tokens_per_s(b, total)
+                    for d, b in zip(median_call, run_bw, strict=False)
+                ]
+            ),
+            "fraction_of_steady_bound": (
+                summarize(steady)
+                if (steady := steady_fractions(median_call, brackets, total))
+                else None
+            ),
+            "slow_call_share": summarize(samples["ours_decode_slow_call_share"]),
+        }
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
     unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
     ort_steps_tokens = last["ours_ort_steps"]["token_ids"] if last.get("ours_ort_steps") else None
@@ -984,6 +1021,17 @@ def render(result: dict[str, Any]) -> str:
         f"{format_cell(step)}; host time per token between the calls: "
         f"{format_cell(ours.get('decode_host_ms_per_token'), 2)} ms",
     ]
+    if median := ours.get("decode_median_call"):
+        steady_median = median["fraction_of_steady_bound"]
+        lines.append(
+            "engine decode at its median decode call (stats.median_decode_call_tokens_per_s): "
+            f"{format_cell(median['tokens_per_s'])}; of the same-run bound "
+            f"{format_cell(_percent_summary(median['fraction_of_same_run_bound']))}%, of the "
+            "steady bound "
+            + (f"{format_cell(_percent_summary(steady_median))}%" if steady_median else "-")
+            + "; calls over twice the median lost "
+            f"{format_cell(_percent_summary(median['slow_call_share']), 1)}% of the decode calls' time"
+        )
     if r.get("fused_vs_matmul_floor_decode") is not None:
         lines.append(
             "fused decode vs the MatMul floor (its own weight MatMuls, nothing else): "

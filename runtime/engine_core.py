@@ -11,6 +11,7 @@ chunk's length, which would multiply the work of the whole call.
 
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -48,6 +49,8 @@ class RequestStats:
     # Engine time of the decode calls that computed tokens 2..n (a call that steps several
     # requests counts in full for each): decode_s less what the host does between calls.
     decode_engine_s: float = 0.0
+    # Each of those calls' time, in order (decode_engine_s is their sum).
+    decode_call_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
     num_preemptions: int = 0
     # time.perf_counter() of the request's arrival and of each generated token (for TTFT/ITL).
@@ -70,6 +73,23 @@ class RequestStats:
         detokenizing, scheduling or other host work between them)."""
         steps = self.generated_tokens - 1
         return steps / self.decode_engine_s if self.decode_engine_s and steps > 0 else 0.0
+
+    @property
+    def median_decode_call_tokens_per_s(self) -> float:
+        """One token per decode call at the median call's time: the engine's rate without the
+        calls something outside the process stalled (on a shared host a vCPU can be taken
+        away for tens of milliseconds mid-call), nor the host work between calls."""
+        return 1.0 / statistics.median(self.decode_call_s) if self.decode_call_s else 0.0
+
+    @property
+    def slow_decode_call_share(self) -> float:
+        """The time that decode calls over twice the median call took beyond the median, as
+        a share of all decode calls' time: what the stalled calls cost."""
+        if not self.decode_call_s:
+            return 0.0
+        median = statistics.median(self.decode_call_s)
+        lost = sum(c - median for c in self.decode_call_s if c > 2 * median)
+        return lost / sum(self.decode_call_s)
 
 
 @dataclass
@@ -200,7 +220,9 @@ class EngineCore:
             elapsed = time.perf_counter() - start
             for chunk in decodes:
                 if chunk.start >= len(chunk.request.prompt_token_ids):  # not a 1-token prompt
-                    self.live[chunk.request.request_id].stats.decode_engine_s += elapsed
+                    stats = self.live[chunk.request.request_id].stats
+                    stats.decode_engine_s += elapsed
+                    stats.decode_call_s.append(elapsed)
         for group in group_prefill_chunks([c for c in chunks if c.num_new_tokens > 1]):
             start = time.perf_counter()
             logits.update(self._run_prefill_group(group))

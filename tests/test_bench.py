@@ -267,6 +267,12 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "decode_tokens_per_s": bench.summarize([67.0, 68.0, 69.0]),
             "decode_step_only_tokens_per_s": bench.summarize([68.0, 69.0, 70.0]),
             "decode_host_ms_per_token": bench.summarize([0.2, 0.21, 0.25]),
+            "decode_median_call": {
+                "tokens_per_s": bench.summarize([72.0, 73.0, 74.0]),
+                "fraction_of_same_run_bound": bench.summarize([0.8, 0.81, 0.82]),
+                "fraction_of_steady_bound": None,
+                "slow_call_share": bench.summarize([0.01, 0.03, 0.05]),
+            },
             "weights": weights,
             "kv_read_bytes_per_token": 29_491_200,
             "bytes_per_token": 538_060_032 + 29_491_200,
@@ -337,6 +343,11 @@ def test_render_with_transformers() -> None:
     assert ours_row.split()[-1] == "70.0%"  # median of the same-run fractions
     assert "decode calls only (stats.engine_decode_tokens_per_s): 69.0 [68.0-70.0]" in out
     assert "host time per token between the calls: 0.21 [0.20-0.25] ms" in out
+    assert (
+        "median decode call (stats.median_decode_call_tokens_per_s): 73.0 [72.0-74.0]; of the "
+        "same-run bound 81.0 [80.0-82.0]%, of the steady bound -; calls over twice the median "
+        "lost 3.0 [1.0-5.0]% of the decode calls' time" in out
+    )
     unfused_row = next(line for line in out.splitlines() if line.startswith("unfused"))
     assert "1.25x" in unfused_row and "1.56x" in unfused_row and unfused_row.split()[-1] == "-"
     assert "fused vs unfused export: prefill 2.00x, decode 1.36x" in out
@@ -511,6 +522,8 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
         "ours_prefill": [500.0],
         "ours_decode": [50.0],
         "ours_decode_step_only": [55.0],
+        "ours_decode_median_call": [60.0],
+        "ours_decode_slow_call_share": [0.04],
     }
     result = bench._results(
         argparse.Namespace(runs=1, decode_tokens=4),
@@ -538,9 +551,30 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
     )
     # 50 tok/s as the caller sees it, 55 over the engine's decode calls: 20 - 18.18 ms.
     assert ours["decode_host_ms_per_token"]["median"] == pytest.approx(1e3 / 50 - 1e3 / 55)
+    # 60 tok/s at the median call, against the same 100 tok/s bound.
+    median_call = ours["decode_median_call"]
+    assert median_call["fraction_of_same_run_bound"]["median"] == pytest.approx(0.6)
+    assert median_call["fraction_of_steady_bound"]["median"] == pytest.approx(0.6)
     text = bench.render(result)
     assert "decode calls only (stats.engine_decode_tokens_per_s): 55.0" in text
+    assert (
+        "median decode call (stats.median_decode_call_tokens_per_s): 60.0 [60.0-60.0]; of the "
+        "same-run bound 60.0 [60.0-60.0]%, of the steady bound 60.0 [60.0-60.0]%; calls over "
+        "twice the median lost 4.0 [4.0-4.0]% of the decode calls' time" in text
+    )
     assert "host time per token between the calls: 1.82 [1.82-1.82] ms" in text
     assert "weights 0.0 MB + KV cache 0.0 MB (mean 6 cached tokens)" in text
     assert "-> bound 100.0 tok/s" in text
     assert "against the weights alone" in text and "41.2% of same-run" in text
+
+
+def test_bandwidth_passes_read_one_array_kept_for_the_process() -> None:
+    """Every bandwidth pass of a size reads the same resident array: none is freed between
+    passes (a freed GiB stalled the decode measured next, docs/benchmarks.md)."""
+    first = bench.measure_bandwidth(nbytes=1 << 20, reps=2)
+    array = bench._bandwidth_array(1 << 20)
+    second = bench.measure_bandwidth(nbytes=1 << 20, reps=2)
+    assert bench._bandwidth_array(1 << 20) is array and array.nbytes == 1 << 20
+    for result in (first, second):
+        assert result["array_bytes"] == 1 << 20
+        assert all(len(v) == 2 and min(v) > 0 for v in result["samples_bytes_per_s"].values())

@@ -121,6 +121,22 @@ def test_stats_are_filled(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     # The engine's decode calls lie inside the first-to-last-token span, host work between.
     assert 0 < s.decode_engine_s < s.decode_s
     assert s.engine_decode_tokens_per_s > s.decode_tokens_per_s
+    # One timed call per token after the first; their sum is the engine's decode time.
+    assert len(s.decode_call_s) == 7 and sum(s.decode_call_s) == pytest.approx(s.decode_engine_s)
+    assert s.median_decode_call_tokens_per_s == pytest.approx(1 / sorted(s.decode_call_s)[3])
+    assert 0 <= s.slow_decode_call_share < 1
+
+
+def test_slow_decode_calls_are_measured_beyond_the_median() -> None:
+    """Calls of 10, 10, 11, 12 and 50 ms: median 11 ms; only the 50 ms call is over twice the
+    median, and it lost 39 of the 93 ms."""
+    from enginesmith.runtime.engine_core import RequestStats
+
+    s = RequestStats(decode_call_s=[0.010, 0.010, 0.011, 0.012, 0.050])
+    assert s.median_decode_call_tokens_per_s == pytest.approx(1 / 0.011)
+    assert s.slow_decode_call_share == pytest.approx(0.039 / 0.093)
+    assert RequestStats().median_decode_call_tokens_per_s == 0.0
+    assert RequestStats().slow_decode_call_share == 0.0
 
 
 def _resident_fraction(array: np.ndarray) -> float:
