@@ -307,8 +307,8 @@ def torch_weight_bytes(model: Any) -> WeightBytes:
 @functools.cache
 def _bandwidth_array(nbytes: int) -> np.ndarray:
     """The array the bandwidth passes read, written once so every page is resident, and kept
-    for the whole process: a GiB freed just before a decode cost that decode 2-3 stalled calls
-    of 30-50 ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
+    for the whole process: a GiB freed just before a decode stalled some of its calls for
+    tens of ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
     and the bench samples bandwidth right before its decodes."""
     return np.full(nbytes // 4, 1.0, np.float32)
 
@@ -806,10 +806,10 @@ def _results(
     def med(key: str) -> float | None:
         return summary[key]["median"] if key in summary else None
 
-    def fractions(name: str, bytes_per_token: int) -> dict[str, Any]:
-        """The decode over the best-pass bound, over each repetition's own, over the steady
-        repetitions' (ours), for a bound of BYTES_PER_TOKEN."""
-        decodes = samples.get(f"{name}_decode", [])
+    def fractions(decodes: list[float], bytes_per_token: int, steady: bool) -> dict[str, Any]:
+        """DECODES (tok/s per repetition) over the best-pass bound, over each repetition's own,
+        and (STEADY: our decodes, the ones bracketed by bandwidth passes) over the steady
+        repetitions', for a bound of BYTES_PER_TOKEN."""
         per_run = [
             d / bound_tokens_per_s(b, bytes_per_token)
             for d, b in zip(decodes, run_bw, strict=False)
@@ -817,14 +817,15 @@ def _results(
         out = {
             "bound_tokens_per_s": bound_tokens_per_s(bw, bytes_per_token),
             "decode_fraction_of_bound": ratio(
-                med(f"{name}_decode"), bound_tokens_per_s(bw, bytes_per_token)
+                statistics.median(decodes) if decodes else None,
+                bound_tokens_per_s(bw, bytes_per_token),
             ),
             "decode_fraction_of_same_run_bound": summarize(per_run) if per_run else None,
         }
-        if name in ("ours", "ours_ort_steps"):
-            steady = steady_fractions(decodes, brackets, bytes_per_token)
-            out["decode_fraction_of_steady_bound"] = summarize(steady) if steady else None
-            out["steady_runs"] = len(steady)
+        if steady:
+            held = steady_fractions(decodes, brackets, bytes_per_token)
+            out["decode_fraction_of_steady_bound"] = summarize(held) if held else None
+            out["steady_runs"] = len(held)
         return out
 
     impl = {}
@@ -836,6 +837,8 @@ def _results(
             kv_cached.get(name, 0), len(decode_ids), args.decode_tokens
         )
         total = weights[name].per_token + kv
+        decodes = samples.get(f"{name}_decode", [])
+        bracketed = name in ("ours", "ours_ort_steps")
         impl[name] = {
             "prefill_tokens_per_s": summary.get(f"{name}_prefill"),
             "decode_tokens_per_s": summary.get(f"{name}_decode"),
@@ -847,9 +850,9 @@ def _results(
             "decode_effective_bytes_per_s": (
                 decode * total if (decode := med(f"{name}_decode")) else None
             ),
-            **fractions(name, total),
+            **fractions(decodes, total, bracketed),
             # The same against the weights alone (the bound before the KV cache was counted).
-            "weights_only": fractions(name, weights[name].per_token),
+            "weights_only": fractions(decodes, weights[name].per_token, bracketed),
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
     # Host time per token between the engine's decode calls, per repetition.
@@ -862,20 +865,9 @@ def _results(
     # The engine at its median decode call, against the same bounds as the caller's rate.
     median_call = samples.get("ours_decode_median_call", [])
     if median_call:
-        total = impl["ours"]["bytes_per_token"]
         impl["ours"]["decode_median_call"] = {
             "tokens_per_s": summarize(median_call),
-            "fraction_of_same_run_bound": summarize(
-                [
-                    d / bound_tokens_per_s(b, total)
-                    for d, b in zip(median_call, run_bw, strict=False)
-                ]
-            ),
-            "fraction_of_steady_bound": (
-                summarize(steady)
-                if (steady := steady_fractions(median_call, brackets, total))
-                else None
-            ),
+            **fractions(median_call, impl["ours"]["bytes_per_token"], steady=True),
             "slow_call_share": summarize(samples["ours_decode_slow_call_share"]),
         }
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
@@ -1022,11 +1014,11 @@ def render(result: dict[str, Any]) -> str:
         f"{format_cell(ours.get('decode_host_ms_per_token'), 2)} ms",
     ]
     if median := ours.get("decode_median_call"):
-        steady_median = median["fraction_of_steady_bound"]
+        steady_median = median["decode_fraction_of_steady_bound"]
         lines.append(
             "engine decode at its median decode call (stats.median_decode_call_tokens_per_s): "
             f"{format_cell(median['tokens_per_s'])}; of the same-run bound "
-            f"{format_cell(_percent_summary(median['fraction_of_same_run_bound']))}%, of the "
+            f"{format_cell(_percent_summary(median['decode_fraction_of_same_run_bound']))}%, of the "
             "steady bound "
             + (f"{format_cell(_percent_summary(steady_median))}%" if steady_median else "-")
             + "; calls over twice the median lost "

@@ -46,16 +46,19 @@ class RequestStats:
     time_to_first_token_s: float = 0.0
     prefill_s: float = 0.0  # engine time of the calls that computed this request's prompt
     decode_s: float = 0.0  # from the first to the last generated token
-    # Engine time of the decode calls that computed tokens 2..n (a call that steps several
-    # requests counts in full for each): decode_s less what the host does between calls.
-    decode_engine_s: float = 0.0
-    # Each of those calls' time, in order (decode_engine_s is their sum).
+    # Engine time of each decode call that computed one of tokens 2..n, in order (a call that
+    # steps several requests counts in full for each).
     decode_call_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
     num_preemptions: int = 0
     # time.perf_counter() of the request's arrival and of each generated token (for TTFT/ITL).
     arrival_time: float = 0.0
     token_times: list[float] = field(default_factory=list)
+
+    @property
+    def decode_engine_s(self) -> float:
+        """Engine time of the decode calls: decode_s less what the host does between them."""
+        return sum(self.decode_call_s)
 
     @property
     def prefill_tokens_per_s(self) -> float:
@@ -220,9 +223,7 @@ class EngineCore:
             elapsed = time.perf_counter() - start
             for chunk in decodes:
                 if chunk.start >= len(chunk.request.prompt_token_ids):  # not a 1-token prompt
-                    stats = self.live[chunk.request.request_id].stats
-                    stats.decode_engine_s += elapsed
-                    stats.decode_call_s.append(elapsed)
+                    self.live[chunk.request.request_id].stats.decode_call_s.append(elapsed)
         for group in group_prefill_chunks([c for c in chunks if c.num_new_tokens > 1]):
             start = time.perf_counter()
             logits.update(self._run_prefill_group(group))

@@ -19,7 +19,6 @@ JSON into the cache's bench/ folder.
 from __future__ import annotations
 
 import argparse
-import json
 import threading
 import time
 from collections.abc import Callable
@@ -28,8 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from enginesmith.compiler.artifact import read_manifest
-from enginesmith.compiler.presets import cache_dir
-from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth
+from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
 from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
 from enginesmith.runtime.session import EngineSession
 
@@ -192,15 +190,13 @@ def main() -> None:
         "1-row kernel steps launched from the main thread, then from a second thread: "
         + ", ".join(f"{k} {v:.2f} ms" for k, v in threads_ms.items())
     )
-    out = cache_dir() / "bench" / time.strftime("decode-kernels-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {
         "args": vars(args) | {"engine": str(args.engine)},
         "samples": samples,
         "steps_after_prompt_ms": after_prompt,
         "second_thread_ms": threads_ms,
     }
-    out.write_text(json.dumps(record | {"median": med, "bound_ms": bound_ms}, indent=2) + "\n")
+    out = save_results(record | {"median": med, "bound_ms": bound_ms}, None, "decode-kernels")
     print(f"JSON: {out}")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import sys
 import time
 from pathlib import Path
@@ -40,9 +39,8 @@ import numpy as np
 from compare_decode_kernels import fill_random_caches, step_ms  # neighbours in scripts/
 
 from enginesmith.compiler.artifact import read_manifest
-from enginesmith.compiler.presets import cache_dir
 from enginesmith.runtime import decode_kernels
-from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth
+from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
 from enginesmith.runtime.session import EngineSession
 
 COMMITTED = "committed"
@@ -154,21 +152,15 @@ def main() -> None:
             f"{name:<28} {row['step_ms']:8.2f} {row['step_vs_committed']:12.3f}x "
             f"{row['weights_ms']:11.2f} {row['weights_vs_committed']:12.3f}x {differences[name]:17.2e}"
         )
-    out = cache_dir() / "bench" / f"kernel-variants-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(sys.argv),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "samples_ms": samples,
-                "bandwidth_bytes_per_s": bandwidth,
-                "held_repetitions": held,
-                "summary": summary,
-            },
-            indent=2,
-        )
-    )
+    record = {
+        "command": " ".join(sys.argv),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "samples_ms": samples,
+        "bandwidth_bytes_per_s": bandwidth,
+        "held_repetitions": held,
+        "summary": summary,
+    }
+    out = save_results(record, None, "kernel-variants")
     print(f"JSON: {out}")
 
 

@@ -72,8 +72,7 @@ def main() -> None:
     if args.pairs < 1 or args.steps < 3 or args.context < 1:
         p.error("--pairs and --context must be >= 1 and --steps >= 3")
 
-    from enginesmith.compiler.presets import cache_dir
-    from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth
+    from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
 
     def run_child(kind: str) -> dict[str, float]:
         command = [sys.executable, __file__, str(args.engine), "--child", kind,
@@ -104,11 +103,9 @@ def main() -> None:
         for name, values in samples[kind].items():
             ratios = np.array(values) / np.array(base[name])
             print(f"{kind:<28} {name:<14} {np.median(values):9.2f} {np.median(ratios):29.3f}")
-    out = cache_dir() / "bench" / time.strftime("step-body-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
     record = {"args": vars(args) | {"engine": str(args.engine)}, "samples": samples,
               "bandwidth_bytes_per_s": bandwidth}  # fmt: skip
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    out = save_results(record, None, "step-body")
     print(f"JSON: {out}")
 
 

@@ -17,7 +17,6 @@ figures, and writes JSON into the cache's bench/ folder. Linux only (/proc/self/
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -27,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.presets import cache_dir
-from enginesmith.runtime.bench import ours_decode, real_text_prompt
+from enginesmith.runtime.bench import ours_decode, real_text_prompt, save_results
 from enginesmith.runtime.llm import LLM
 
 SLOW = 2.0  # a call over this many times the median is listed
@@ -121,10 +120,9 @@ def main() -> None:
             del freed
         calls.clear()
         ours_decode(llm, prompt, args.tokens)
-        timed = calls[1:]  # the first call is the prompt's last token's step
-        ms = np.array([c["ms"] for c in timed])
+        ms = np.array([c["ms"] for c in calls])
         median = float(np.median(ms))
-        slow = [dict(c, index=i) for i, c in enumerate(timed) if c["ms"] > SLOW * median]
+        slow = [dict(c, index=i) for i, c in enumerate(calls) if c["ms"] > SLOW * median]
         lost = sum(c["ms"] - median for c in slow)
         print(
             f"decode {n + 1}: {len(ms)} calls, median {median:.2f} ms, mean {ms.mean():.2f} ms; "
@@ -140,21 +138,11 @@ def main() -> None:
             print(
                 f"  call {c['index']}: {c['ms']:.1f} ms, {c['page_faults']} page faults; {per_thread}"
             )
-        runs.append({"median_ms": median, "mean_ms": float(ms.mean()), "calls": timed})
+        runs.append({"median_ms": median, "mean_ms": float(ms.mean()), "calls": list(calls)})
 
-    out = cache_dir() / "bench" / f"decode-call-stalls-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
-        json.dumps(
-            {
-                "command": " ".join(sys.argv),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "thread_names": clock.names,
-                "decodes": runs,
-            },
-            indent=1,
-        )
-    )
+    record = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
+              "thread_names": clock.names, "decodes": runs}  # fmt: skip
+    out = save_results(record, None, "decode-call-stalls")
     print(f"JSON: {out}")
 
 

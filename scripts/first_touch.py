@@ -13,12 +13,11 @@ Prints one line per allocation and the medians, and writes JSON into the cache's
 from __future__ import annotations
 
 import argparse
-import json
 import time
 
 import numpy as np
 
-from enginesmith.compiler.presets import cache_dir
+from enginesmith.runtime.bench import save_results
 
 PAGE_FLOATS = 4096 // 4
 
@@ -52,9 +51,7 @@ def main() -> None:
     second_median = float(np.median([r["second_touch_ms"] for r in rows]))
     print(f"median: first touch {first_median:.1f} ms ({args.mb / first_median:.2f} GB/s backed), "
           f"second touch {second_median:.1f} ms")  # fmt: skip
-    out = cache_dir() / "bench" / time.strftime("first-touch-%Y%m%d-%H%M%S.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"mb": args.mb, "allocations": rows}, indent=2))
+    out = save_results({"mb": args.mb, "allocations": rows}, None, "first-touch")
     print(f"JSON: {out}")
 
 

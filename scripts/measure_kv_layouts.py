@@ -18,9 +18,9 @@ Prints a table of median microseconds per call and writes JSON.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
@@ -202,17 +202,10 @@ def main() -> int:
     for name, row in results.items():
         print(f"{name:<16}" + "".join(f"{row[c]:>12.1f}" for c in caps))
     print("\n(concat does not depend on MAX: it always holds exactly the padded context)")
-    from enginesmith.compiler.presets import cache_dir
+    from enginesmith.runtime.bench import save_results
 
-    path = args.json or str(
-        cache_dir() / "bench" / f"kv-layouts-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    )
-    import pathlib
-
-    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
-    pathlib.Path(path).write_text(
-        json.dumps({"batch": b, "contexts": ctx.tolist(), "us_per_call": results}, indent=2)
-    )
+    record = {"batch": b, "contexts": ctx.tolist(), "us_per_call": results}
+    path = save_results(record, Path(args.json) if args.json else None, "kv-layouts")
     print(f"JSON: {path}")
     return 0
 

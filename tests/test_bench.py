@@ -269,8 +269,8 @@ def _result(with_peer: bool) -> dict[str, Any]:
             "decode_host_ms_per_token": bench.summarize([0.2, 0.21, 0.25]),
             "decode_median_call": {
                 "tokens_per_s": bench.summarize([72.0, 73.0, 74.0]),
-                "fraction_of_same_run_bound": bench.summarize([0.8, 0.81, 0.82]),
-                "fraction_of_steady_bound": None,
+                "decode_fraction_of_same_run_bound": bench.summarize([0.8, 0.81, 0.82]),
+                "decode_fraction_of_steady_bound": None,
                 "slow_call_share": bench.summarize([0.01, 0.03, 0.05]),
             },
             "weights": weights,
@@ -553,8 +553,8 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
     assert ours["decode_host_ms_per_token"]["median"] == pytest.approx(1e3 / 50 - 1e3 / 55)
     # 60 tok/s at the median call, against the same 100 tok/s bound.
     median_call = ours["decode_median_call"]
-    assert median_call["fraction_of_same_run_bound"]["median"] == pytest.approx(0.6)
-    assert median_call["fraction_of_steady_bound"]["median"] == pytest.approx(0.6)
+    assert median_call["decode_fraction_of_same_run_bound"]["median"] == pytest.approx(0.6)
+    assert median_call["decode_fraction_of_steady_bound"]["median"] == pytest.approx(0.6)
     text = bench.render(result)
     assert "decode calls only (stats.engine_decode_tokens_per_s): 55.0" in text
     assert (

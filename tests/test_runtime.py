@@ -121,8 +121,8 @@ def test_stats_are_filled(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     # The engine's decode calls lie inside the first-to-last-token span, host work between.
     assert 0 < s.decode_engine_s < s.decode_s
     assert s.engine_decode_tokens_per_s > s.decode_tokens_per_s
-    # One timed call per token after the first; their sum is the engine's decode time.
-    assert len(s.decode_call_s) == 7 and sum(s.decode_call_s) == pytest.approx(s.decode_engine_s)
+    # One timed call per token after the first.
+    assert len(s.decode_call_s) == 7 and min(s.decode_call_s) > 0
     assert s.median_decode_call_tokens_per_s == pytest.approx(1 / sorted(s.decode_call_s)[3])
     assert 0 <= s.slow_decode_call_share < 1
 
