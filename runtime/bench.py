@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from enginesmith.runtime.core_handoff import SHARED_L3_MAX_NS, core_handoff_ns, shares_l3
+
 DEFAULT_MODEL = "smollm2-135m"
 DECODE_PROMPT_TOKENS = 512  # prompt before decode: a realistic attention length
 BANDWIDTH_BYTES = 1 << 30  # 1 GiB: far larger than any CPU cache
@@ -138,6 +140,30 @@ def steady_fractions(
         if high > 0 and min(before, after) >= (1 - tolerance) * high:
             fractions.append(decode / bound_tokens_per_s(high, bytes_per_token))
     return fractions
+
+
+PLACEMENTS = {True: "one CCX (shared L3)", False: "two CCXs"}
+
+
+def steady_fractions_by_placement(
+    decode_tokens_per_s: Sequence[float],
+    brackets: Sequence[tuple[float, float]],
+    handoffs: Sequence[tuple[float | None, float | None]],
+    bytes_per_token: int,
+) -> dict[str, dict[str, Any]]:
+    """The steady fractions (steady_fractions) split by where the host had put the two cores
+    through the decode: the core handoffs measured just before and just after it
+    (runtime/core_handoff.py) both under or both over SHARED_L3_MAX_NS. A repetition whose
+    two handoffs disagree (the host moved a core) counts in neither."""
+    out: dict[str, dict[str, Any]] = {}
+    for shared, label in PLACEMENTS.items():
+        runs = [i for i, pair in enumerate(handoffs) if all(shares_l3(h) is shared for h in pair)]
+        held = steady_fractions(
+            [decode_tokens_per_s[i] for i in runs], [brackets[i] for i in runs], bytes_per_token
+        )
+        out[label] = {"runs": len(runs), "steady_runs": len(held),
+                      "decode_fraction_of_steady_bound": summarize(held) if held else None}  # fmt: skip
+    return out
 
 
 def best_bandwidth(samples: dict[str, list[float]]) -> tuple[str, float]:
@@ -700,6 +726,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     }
     last: dict[str, Any] = {}
     brackets: list[tuple[float, float]] = []  # (before, after) our decodes, bytes/s
+    handoffs: list[tuple[float | None, float | None]] = []  # (before, after) our decodes, ns
     for rep in range(args.runs + 1):
         label = "warm-up" if rep == 0 else f"run {rep}/{args.runs}"
         log(f"{label}: prefill {len(prefill_ids)} tokens, decode {args.decode_tokens} tokens")
@@ -708,12 +735,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         p_unfused = unfused.prefill(prefill_ids) if unfused else None
         p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
         # Our decodes (~5 s) between two bandwidth samples: which level they ran at.
+        # And the core handoff on each side: where the host had put the two cores.
+        handoff_before = core_handoff_ns()
         before = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
         d_ort_steps = (
             ours_decode(ort_steps, decode_prompt, args.decode_tokens) if ort_steps else None
         )
         after = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
+        handoff_after = core_handoff_ns()
         d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
         d_floor = floor.tokens_per_s() if floor else None
         d_peer = (
@@ -733,6 +763,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         # every repetition shows how contended each one was (the bound uses the best pass).
         bandwidth[f"run {rep}"] = measure_bandwidth(reps=BANDWIDTH_REPS // 2)
         brackets.append((before, after))
+        handoffs.append((handoff_before, handoff_after))
         samples["ours_prefill"].append(p_ours)
         samples["ours_decode"].append(d_ours["wall_tokens_per_s"])
         samples["ours_decode_step_only"].append(d_ours["step_tokens_per_s"])
@@ -762,6 +793,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         last,
         bandwidth,
         brackets,
+        handoffs,
         kv_cached,
     )
 
@@ -778,6 +810,7 @@ def _results(
     last: dict[str, Any],
     bandwidth: dict[str, Any],
     brackets: list[tuple[float, float]],
+    handoffs: list[tuple[float | None, float | None]],
     kv_cached: dict[str, int],
 ) -> dict[str, Any]:
     """Summaries, ratios and the bandwidth bound from the raw samples."""
@@ -855,6 +888,9 @@ def _results(
             "weights_only": fractions(decodes, weights[name].per_token, bracketed),
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
+    impl["ours"]["decode_steady_by_placement"] = steady_fractions_by_placement(
+        samples["ours_decode"], brackets, handoffs, impl["ours"]["bytes_per_token"]
+    )
     # Host time per token between the engine's decode calls, per repetition.
     host_ms = [
         1e3 / wall - 1e3 / step
@@ -910,6 +946,8 @@ def _results(
             },
             "phases": bandwidth,
             "decode_brackets_bytes_per_s": brackets,
+            "decode_brackets_core_handoff_ns": handoffs,
+            "shared_l3_max_ns": SHARED_L3_MAX_NS,
             "steady_tolerance": STEADY_TOLERANCE,
         },
         "implementations": impl,
@@ -1042,6 +1080,20 @@ def render(result: dict[str, Any]) -> str:
                 f" (onnxruntime decode {format_cell(_percent_summary(alt_steady))}%)"
                 if alt_steady
                 else ""
+            )
+        )
+    if placed := ours.get("decode_steady_by_placement"):
+        lines.append(
+            "the same by where the host had put the two cores (core handoff before and after, "
+            "scripts/core_handoff.py): "
+            + "; ".join(
+                f"{label}: {p['steady_runs']} of {p['runs']} runs steady, "
+                + (
+                    f"{format_cell(_percent_summary(p['decode_fraction_of_steady_bound']))}%"
+                    if p["decode_fraction_of_steady_bound"]
+                    else "-"
+                )
+                for label, p in placed.items()
             )
         )
     lines.append(_weights_only_line(result))

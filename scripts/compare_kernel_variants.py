@@ -19,7 +19,9 @@ code: a change there that moves it shows the compiler laying out the one big ste
 differently). The read bandwidth is sampled before the repetition and after each set's turn;
 the summary counts only the repetitions whose samples all lie within 10% of each other (the
 host held one level through them) and divides each set's times by the committed kernels' in
-the same repetition.
+the same repetition. The core handoff (runtime/core_handoff.py) is sampled at the same
+moments, and the summary is repeated for each core placement that held through a whole
+repetition: the two levels are the two placements, and a change can help on one only.
 
 Each variant's logits are compared with the committed kernels' first (the largest difference
 is printed): a variant that changes results is measured all the same, but says so.
@@ -40,7 +42,8 @@ from compare_decode_kernels import fill_random_caches, step_ms  # neighbours in 
 
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.runtime import decode_kernels
-from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
+from enginesmith.runtime.bench import PLACEMENTS, best_bandwidth, measure_bandwidth, save_results
+from enginesmith.runtime.core_handoff import core_handoff_ns, shares_l3
 from enginesmith.runtime.session import EngineSession
 
 COMMITTED = "committed"
@@ -109,42 +112,82 @@ def main() -> None:
         return best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
 
     bandwidth: list[list[float]] = []  # per repetition: before, then after each set's turn
+    handoffs: list[list[float | None]] = []  # the core handoff (ns) at the same moments
     order = list(kernel_sets.items())
     for rep in range(args.reps):
         bandwidth.append([read_bandwidth()])
+        handoffs.append([core_handoff_ns()])
         for name, module in order if rep % 2 == 0 else order[::-1]:
             decoder.use_kernels(module)
             samples[name]["step"].append(step_ms(step, args.context, args.steps, 1))
             samples[name]["weights"].append(step_ms(weights_only, 0, args.steps // 2 + 2, 1))
             bandwidth[-1].append(read_bandwidth())
+            handoffs[-1].append(core_handoff_ns())
         print(
             f"rep {rep + 1}: "
             + ", ".join(
                 f"{n} {s['step'][-1]:.2f} ms (weights {s['weights'][-1]:.2f})"
                 for n, s in samples.items()
             )
-            + f", read bandwidth {min(bandwidth[-1]) / 1e9:.1f}-{max(bandwidth[-1]) / 1e9:.1f} GB/s",
+            + f", read bandwidth {min(bandwidth[-1]) / 1e9:.1f}-{max(bandwidth[-1]) / 1e9:.1f} GB/s"
+            + f", core handoff {_span(handoffs[-1])} ns",
             flush=True,
         )
 
     held = [i for i, bw in enumerate(bandwidth) if max(bw) <= (1 + LEVEL_TOLERANCE) * min(bw)]
     if not held:
         raise SystemExit("the host changed level in every repetition: run again, or more --reps")
-    levels = [float(np.median(bandwidth[i])) / 1e9 for i in held]
+    summary = {
+        "all placements": _summarize("all placements", samples, differences, bandwidth, held)
+    }
+    # The two levels are two core placements (runtime/core_handoff.py): each on its own.
+    for shared, label in PLACEMENTS.items():
+        placed = [i for i in held if all(shares_l3(h) is shared for h in handoffs[i])]
+        if placed:
+            summary[label] = _summarize(label, samples, differences, bandwidth, placed)
+    record = {
+        "command": " ".join(sys.argv),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "samples_ms": samples,
+        "bandwidth_bytes_per_s": bandwidth,
+        "core_handoff_ns": handoffs,
+        "held_repetitions": held,
+        "summary": summary,
+    }
+    out = save_results(record, None, "kernel-variants")
+    print(f"JSON: {out}")
+
+
+def _span(values: list[float | None]) -> str:
+    known = [v for v in values if v is not None]
+    return f"{min(known):.0f}-{max(known):.0f}" if known else "-"
+
+
+def _summarize(
+    label: str,
+    samples: dict[str, dict[str, list[float]]],
+    differences: dict[str, float],
+    bandwidth: list[list[float]],
+    reps: list[int],
+) -> dict[str, dict[str, float]]:
+    """Medians over REPS and ratios to the committed kernels in the same repetition; printed."""
+    levels = [float(np.median(bandwidth[i])) / 1e9 for i in reps]
     print(
-        f"\n{len(held)} of {args.reps} repetitions held one level ({min(levels):.1f}-"
-        f"{max(levels):.1f} GB/s); medians over those; ratios to the committed kernels in the "
-        "same repetition"
+        f"\n{label}: {len(reps)} of {len(bandwidth)} repetitions ({min(levels):.1f}-"
+        f"{max(levels):.1f} GB/s); medians over those; ratios to the committed kernels in the same repetition"
     )
     print(
         f"{'kernels':<28} {'step ms':>8} {'vs committed':>13} {'weights ms':>11} {'vs committed':>13} {'max |logit diff|':>17}"
     )
     summary: dict[str, dict[str, float]] = {}
     for name, s in samples.items():
-        row: dict[str, float] = {"max_abs_logit_difference": differences[name]}
+        row: dict[str, float] = {
+            "repetitions": len(reps),
+            "max_abs_logit_difference": differences[name],
+        }
         for what in ("step", "weights"):
-            mine = np.array(s[what])[held]
-            base = np.array(samples[COMMITTED][what])[held]
+            mine = np.array(s[what])[reps]
+            base = np.array(samples[COMMITTED][what])[reps]
             row[f"{what}_ms"] = float(np.median(mine))
             row[f"{what}_vs_committed"] = float(np.median(mine / base))
         summary[name] = row
@@ -152,16 +195,7 @@ def main() -> None:
             f"{name:<28} {row['step_ms']:8.2f} {row['step_vs_committed']:12.3f}x "
             f"{row['weights_ms']:11.2f} {row['weights_vs_committed']:12.3f}x {differences[name]:17.2e}"
         )
-    record = {
-        "command": " ".join(sys.argv),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "samples_ms": samples,
-        "bandwidth_bytes_per_s": bandwidth,
-        "held_repetitions": held,
-        "summary": summary,
-    }
-    out = save_results(record, None, "kernel-variants")
-    print(f"JSON: {out}")
+    return summary
 
 
 if __name__ == "__main__":

@@ -104,6 +104,44 @@ def test_steady_fractions_keep_runs_whose_bandwidth_held() -> None:
         bench.steady_fractions([1.0, 2.0], [(1.0, 1.0)], 1)
 
 
+def test_steady_fractions_are_split_by_core_placement() -> None:
+    """A run counts for a placement when the handoffs before and after it both say so; a run
+    the host moved a core through, or one without a handoff, counts for neither."""
+    gb = 1e9
+    held = (80 * gb, 80 * gb)
+    placed = bench.steady_fractions_by_placement(
+        [100.0, 50.0, 60.0, 70.0, 90.0],
+        [held, held, (80 * gb, 40 * gb), held, held],
+        [(190.0, 185.0), (40.0, 38.0), (190.0, 200.0), (40.0, 190.0), (None, 40.0)],
+        bytes_per_token=500_000_000,
+    )
+    two, one = placed["two CCXs"], placed["one CCX (shared L3)"]
+    assert (two["runs"], two["steady_runs"]) == (2, 1)  # the second's bandwidth moved
+    assert two["decode_fraction_of_steady_bound"]["median"] == pytest.approx(100 / 160)
+    assert (one["runs"], one["steady_runs"]) == (1, 1)
+    assert one["decode_fraction_of_steady_bound"]["median"] == pytest.approx(50 / 160)
+
+
+def test_core_handoff_is_measured_between_two_threads() -> None:
+    """Two numba threads take turns on one cache line; with one thread there is nothing to
+    measure (None, not a spin that never ends)."""
+    import numba
+
+    from enginesmith.runtime.core_handoff import core_handoff_ns, shares_l3
+
+    default = numba.get_num_threads()
+    if default >= 2:
+        ns = core_handoff_ns(round_trips=2000)
+        assert ns is not None and 0 < ns < 100_000
+        assert shares_l3(ns) is (ns < 100.0)
+    numba.set_num_threads(1)
+    try:
+        assert core_handoff_ns(round_trips=10) is None
+    finally:
+        numba.set_num_threads(default)
+    assert shares_l3(None) is None
+
+
 def test_best_bandwidth_is_the_fastest_pass_of_any_method() -> None:
     method, bw = bench.best_bandwidth({"numpy": [20e9, 24e9], "torch": [40e9, 77e9], "none": []})
     assert (method, bw) == ("torch", 77e9)
@@ -537,6 +575,7 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
         {"ours": {"token_ids": [1, 2, 3, 4]}},
         {"before": bw, "run 1": bw, "after": bw},
         [(total * 100.0, total * 100.0)],
+        [(40.0, 45.0)],  # core handoffs, ns: one CCX through the decode
         {"ours": 8},
     )
     ours = result["implementations"]["ours"]
@@ -555,7 +594,17 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
     median_call = ours["decode_median_call"]
     assert median_call["decode_fraction_of_same_run_bound"]["median"] == pytest.approx(0.6)
     assert median_call["decode_fraction_of_steady_bound"]["median"] == pytest.approx(0.6)
+    placed = ours["decode_steady_by_placement"]
+    assert placed["one CCX (shared L3)"]["steady_runs"] == 1
+    assert placed["one CCX (shared L3)"]["decode_fraction_of_steady_bound"]["median"] == 0.5
+    assert placed["two CCXs"] == {
+        "runs": 0, "steady_runs": 0, "decode_fraction_of_steady_bound": None
+    }  # fmt: skip
     text = bench.render(result)
+    assert (
+        "one CCX (shared L3): 1 of 1 runs steady, 50.0 [50.0-50.0]%; two CCXs: 0 of 0 runs "
+        "steady, -" in text
+    )
     assert "decode calls only (stats.engine_decode_tokens_per_s): 55.0" in text
     assert (
         "median decode call (stats.median_decode_call_tokens_per_s): 60.0 [60.0-60.0]; of the "
