@@ -41,7 +41,12 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.core_handoff import SHARED_L3_MAX_NS, core_handoff_ns, shares_l3
+from enginesmith.runtime.core_handoff import (
+    PLACEMENTS,
+    SHARED_L3_MAX_NS,
+    core_handoff_ns,
+    placement,
+)
 
 DEFAULT_MODEL = "smollm2-135m"
 DECODE_PROMPT_TOKENS = 512  # prompt before decode: a realistic attention length
@@ -142,9 +147,6 @@ def steady_fractions(
     return fractions
 
 
-PLACEMENTS = {True: "one CCX (shared L3)", False: "two CCXs"}
-
-
 def steady_fractions_by_placement(
     decode_tokens_per_s: Sequence[float],
     brackets: Sequence[tuple[float, float]],
@@ -152,17 +154,20 @@ def steady_fractions_by_placement(
     bytes_per_token: int,
 ) -> dict[str, dict[str, Any]]:
     """The steady fractions (steady_fractions) split by where the host had put the two cores
-    through the decode: the core handoffs measured just before and just after it
-    (runtime/core_handoff.py) both under or both over SHARED_L3_MAX_NS. A repetition whose
-    two handoffs disagree (the host moved a core) counts in neither."""
+    through the decode (core_handoff.placement of the handoffs measured just before and just
+    after it). A repetition whose two handoffs disagree (the host moved a core) counts in
+    neither."""
     out: dict[str, dict[str, Any]] = {}
-    for shared, label in PLACEMENTS.items():
-        runs = [i for i, pair in enumerate(handoffs) if all(shares_l3(h) is shared for h in pair)]
+    for label in PLACEMENTS.values():
+        runs = [i for i, pair in enumerate(handoffs) if placement(pair) == label]
         held = steady_fractions(
             [decode_tokens_per_s[i] for i in runs], [brackets[i] for i in runs], bytes_per_token
         )
-        out[label] = {"runs": len(runs), "steady_runs": len(held),
-                      "decode_fraction_of_steady_bound": summarize(held) if held else None}  # fmt: skip
+        out[label] = {
+            "runs": len(runs),
+            "steady_runs": len(held),
+            "decode_fraction_of_steady_bound": summarize(held) if held else None,
+        }
     return out
 
 
@@ -337,6 +342,11 @@ def _bandwidth_array(nbytes: int) -> np.ndarray:
     tens of ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
     and the bench samples bandwidth right before its decodes."""
     return np.full(nbytes // 4, 1.0, np.float32)
+
+
+def read_bandwidth(reps: int = 3) -> float:
+    """bytes/s of the fastest of a short measure_bandwidth: one sample of the host's level."""
+    return best_bandwidth(measure_bandwidth(reps=reps)["samples_bytes_per_s"])[1]
 
 
 def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, reps: int = BANDWIDTH_REPS) -> dict[str, Any]:
@@ -737,12 +747,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         # Our decodes (~5 s) between two bandwidth samples: which level they ran at.
         # And the core handoff on each side: where the host had put the two cores.
         handoff_before = core_handoff_ns()
-        before = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
+        before = read_bandwidth()
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
         d_ort_steps = (
             ours_decode(ort_steps, decode_prompt, args.decode_tokens) if ort_steps else None
         )
-        after = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
+        after = read_bandwidth()
         handoff_after = core_handoff_ns()
         d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
         d_floor = floor.tokens_per_s() if floor else None

@@ -12,6 +12,7 @@ bandwidth sample to say which placement a measurement ran on.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 from numba import get_num_threads, njit, prange
@@ -19,6 +20,7 @@ from numba import get_num_threads, njit, prange
 from enginesmith.runtime.intrinsics import atomic_add, atomic_load
 
 SHARED_L3_MAX_NS = 100.0  # handoffs faster than this: the two cores share an L3
+PLACEMENTS = {True: "one CCX (shared L3)", False: "two CCXs"}  # by shares_l3
 _SPIN_LIMIT = 1 << 26  # spins before a thread gives up waiting for its partner
 _TURN, _ARRIVED, _GAVE_UP = 0, 8, 16  # counters, each on a cache line of its own
 
@@ -61,3 +63,11 @@ def core_handoff_ns(round_trips: int = 20_000) -> float | None:
 def shares_l3(handoff_ns: float | None) -> bool | None:
     """Whether a handoff this fast means the two cores share an L3 (None: not measured)."""
     return None if handoff_ns is None else handoff_ns < SHARED_L3_MAX_NS
+
+
+def placement(handoffs_ns: Sequence[float | None]) -> str | None:
+    """The PLACEMENTS label that every one of HANDOFFS_NS (taken around one measurement)
+    agrees on; None when they disagree (the host moved a core) or one was not measured."""
+    verdicts = {shares_l3(h) for h in handoffs_ns}
+    shared = verdicts.pop() if len(verdicts) == 1 else None
+    return None if shared is None else PLACEMENTS[shared]

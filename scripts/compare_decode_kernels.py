@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from enginesmith.compiler.artifact import read_manifest
-from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
+from enginesmith.runtime.bench import read_bandwidth, save_results
 from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
 from enginesmith.runtime.session import EngineSession
 
@@ -150,7 +150,7 @@ def main() -> None:
                 trials = [steps_after_prompt_ms(ort) for _ in range(5)]
                 after_prompt[label].append(float(np.median(trials)))
         samples["onnxruntime MatMuls"].append(1e3 / floor.tokens_per_s())
-        samples["bw"].append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
+        samples["bw"].append(read_bandwidth())
         print(
             f"run {run + 1}: "
             + ", ".join(f"{k} {v[-1]:.2f} ms" for k, v in samples.items() if k != "bw")

@@ -42,8 +42,8 @@ from compare_decode_kernels import fill_random_caches, step_ms  # neighbours in 
 
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.runtime import decode_kernels
-from enginesmith.runtime.bench import PLACEMENTS, best_bandwidth, measure_bandwidth, save_results
-from enginesmith.runtime.core_handoff import core_handoff_ns, shares_l3
+from enginesmith.runtime.bench import read_bandwidth, save_results
+from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
 from enginesmith.runtime.session import EngineSession
 
 COMMITTED = "committed"
@@ -108,9 +108,6 @@ def main() -> None:
         n: {"step": [], "weights": []} for n in kernel_sets
     }
 
-    def read_bandwidth() -> float:
-        return best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
-
     bandwidth: list[list[float]] = []  # per repetition: before, then after each set's turn
     handoffs: list[list[float | None]] = []  # the core handoff (ns) at the same moments
     order = list(kernel_sets.items())
@@ -141,8 +138,8 @@ def main() -> None:
         "all placements": _summarize("all placements", samples, differences, bandwidth, held)
     }
     # The two levels are two core placements (runtime/core_handoff.py): each on its own.
-    for shared, label in PLACEMENTS.items():
-        placed = [i for i in held if all(shares_l3(h) is shared for h in handoffs[i])]
+    for label in PLACEMENTS.values():
+        placed = [i for i in held if placement(handoffs[i]) == label]
         if placed:
             summary[label] = _summarize(label, samples, differences, bandwidth, placed)
     record = {

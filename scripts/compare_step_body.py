@@ -72,7 +72,7 @@ def main() -> None:
     if args.pairs < 1 or args.steps < 3 or args.context < 1:
         p.error("--pairs and --context must be >= 1 and --steps >= 3")
 
-    from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
+    from enginesmith.runtime.bench import read_bandwidth, save_results
 
     def run_child(kind: str) -> dict[str, float]:
         command = [sys.executable, __file__, str(args.engine), "--child", kind,
@@ -86,7 +86,7 @@ def main() -> None:
         for kind, flag in zip(KINDS, ("standalone", "linked"), strict=True):
             for name, ms in run_child(flag).items():
                 samples[kind].setdefault(name, []).append(ms)
-        bandwidth.append(best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1])
+        bandwidth.append(read_bandwidth())
         print(
             f"pair {pair + 1}: "
             + ", ".join(

@@ -1,6 +1,6 @@
 """Which placement the host gave the two vCPUs, sampled over time: the one-way cache-line
 handoff between two threads (runtime/core_handoff.py) next to the read bandwidth
-(bench.measure_bandwidth), to show that the host's two bandwidth levels are two core
+(bench.read_bandwidth), to show that the host's two bandwidth levels are two core
 placements (docs/benchmarks.md, "Two bandwidth levels are two core placements").
 
     .venv/bin/python scripts/core_handoff.py [--samples 30] [--every 10]
@@ -16,8 +16,13 @@ import statistics
 import sys
 import time
 
-from enginesmith.runtime.bench import best_bandwidth, measure_bandwidth, save_results
-from enginesmith.runtime.core_handoff import SHARED_L3_MAX_NS, core_handoff_ns, shares_l3
+from enginesmith.runtime.bench import read_bandwidth, save_results
+from enginesmith.runtime.core_handoff import (
+    PLACEMENTS,
+    SHARED_L3_MAX_NS,
+    core_handoff_ns,
+    placement,
+)
 
 
 def main() -> None:
@@ -31,7 +36,7 @@ def main() -> None:
     for i in range(args.samples):
         started = time.monotonic()
         before = core_handoff_ns()
-        bandwidth = best_bandwidth(measure_bandwidth(reps=3)["samples_bytes_per_s"])[1]
+        bandwidth = read_bandwidth()
         after = core_handoff_ns()
         if before is None or after is None:
             raise SystemExit("the handoff needs two numba threads: run on a machine with 2+ cores")
@@ -42,12 +47,8 @@ def main() -> None:
         )
         time.sleep(max(0.0, args.every - (time.monotonic() - started)))
     summary = {}
-    for label, shared in (("one CCX (shared L3)", True), ("two CCXs", False)):
-        held = [
-            r["read_bytes_per_s"]
-            for r in rows
-            if all(shares_l3(h) is shared for h in r["handoff_ns"])
-        ]
+    for label in PLACEMENTS.values():
+        held = [r["read_bytes_per_s"] for r in rows if placement(r["handoff_ns"]) == label]
         summary[label] = {
             "samples": len(held),
             "median_read_bytes_per_s": statistics.median(held) if held else None,

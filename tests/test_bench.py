@@ -127,7 +127,7 @@ def test_core_handoff_is_measured_between_two_threads() -> None:
     measure (None, not a spin that never ends)."""
     import numba
 
-    from enginesmith.runtime.core_handoff import core_handoff_ns, shares_l3
+    from enginesmith.runtime.core_handoff import core_handoff_ns, placement, shares_l3
 
     default = numba.get_num_threads()
     if default >= 2:
@@ -140,6 +140,10 @@ def test_core_handoff_is_measured_between_two_threads() -> None:
     finally:
         numba.set_num_threads(default)
     assert shares_l3(None) is None
+    assert placement([40.0, 45.0]) == "one CCX (shared L3)"
+    assert placement([180.0, 190.0]) == "two CCXs"
+    assert placement([40.0, 190.0]) is None  # the host moved a core in between
+    assert placement([None, 40.0]) is None
 
 
 def test_best_bandwidth_is_the_fastest_pass_of_any_method() -> None:
