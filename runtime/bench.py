@@ -47,6 +47,7 @@ from enginesmith.runtime.core_handoff import (
     core_handoff_ns,
     placement,
 )
+from enginesmith.runtime.huge_pages import huge_page_empty
 
 DEFAULT_MODEL = "smollm2-135m"
 DECODE_PROMPT_TOKENS = 512  # prompt before decode: a realistic attention length
@@ -340,8 +341,12 @@ def _bandwidth_array(nbytes: int) -> np.ndarray:
     """The array the bandwidth passes read, written once so every page is resident, and kept
     for the whole process: a GiB freed just before a decode stalled some of its calls for
     tens of ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
-    and the bench samples bandwidth right before its decodes."""
-    return np.full(nbytes // 4, 1.0, np.float32)
+    and the bench samples bandwidth right before its decodes. On huge pages, as the weights
+    and KV caches the decode step reads are (runtime/huge_pages.py): the bound gets the same
+    page size the step has."""
+    data = huge_page_empty((nbytes // 4,), np.float32)
+    data.fill(1.0)
+    return data
 
 
 def read_bandwidth(reps: int = 3) -> float:

@@ -20,6 +20,7 @@ import numpy as np
 
 from enginesmith.plugins.flash_attention.onnxruntime import attrs_from_gqa
 from enginesmith.plugins.flash_attention.schema import FlashAttentionAttrs
+from enginesmith.runtime.huge_pages import huge_page_copy, huge_page_empty
 
 
 class DecodePlanUnsupported(Exception):
@@ -129,15 +130,14 @@ class DecodePlan:
 
 
 def _owned(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous fp32 copy in memory numpy allocated."""
-    out = np.empty(array.shape, np.float32)
-    out[...] = array
-    return out
+    """A C-contiguous fp32 copy on huge pages (runtime/huge_pages.py: the step streams it)."""
+    return huge_page_copy(array)
 
 
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
-    """One C-contiguous [L, ...] fp32 array (np.stack keeps transposed inputs' memory order)."""
-    out = np.empty((len(arrays), *arrays[0].shape), np.float32)
+    """One C-contiguous [L, ...] fp32 array on huge pages (np.stack keeps transposed inputs'
+    memory order)."""
+    out = huge_page_empty((len(arrays), *arrays[0].shape), np.float32)
     for i, array in enumerate(arrays):
         out[i] = array
     return out

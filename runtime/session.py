@@ -17,6 +17,7 @@ import numpy as np
 
 from enginesmith.compiler.errors import BackendUnavailableError
 from enginesmith.runtime.decode_plan import CompiledDecoder, DecodePlan, DecodePlanUnsupported
+from enginesmith.runtime.huge_pages import huge_page_empty
 from enginesmith.runtime.sessions import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 # Decode steps with more rows run on ONNX Runtime: its GEMM reuses each weight tile for many
@@ -31,8 +32,9 @@ def resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
     the cache's first writes fault them in during serving steps: on this VM a first touch
     often runs at ~0.5 GB/s instead of ~20 (the host backs the page then; scripts/first_touch.py
     measures it), and those faults had landed in the first in-flight steps
-    (docs/benchmarks.md). Paying that at load keeps it out of request latency."""
-    out = np.empty(shape, np.float32)
+    (docs/benchmarks.md). Paying that at load keeps it out of request latency. On huge pages
+    (runtime/huge_pages.py): the decode attention reads runs of keys and values all over them."""
+    out = huge_page_empty(shape, np.float32)
     out.fill(0.0)
     return out
 
