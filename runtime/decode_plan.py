@@ -129,11 +129,6 @@ class DecodePlan:
         return _read_plan(graph)
 
 
-def _owned(array: np.ndarray) -> np.ndarray:
-    """A C-contiguous fp32 copy on huge pages (runtime/huge_pages.py: the step streams it)."""
-    return huge_page_copy(array)
-
-
 def _stack(arrays: list[np.ndarray]) -> np.ndarray:
     """One C-contiguous [L, ...] fp32 array on huge pages (np.stack keeps transposed inputs'
     memory order)."""
@@ -252,9 +247,9 @@ def _read_plan(graph: _Graph) -> DecodePlan:
     # Copies into numpy's own allocations: numpy backs large ones with transparent huge pages
     # (fewer TLB misses), the buffers external data is read into are not, and the LM head
     # streams a fifth of a step's bytes. A tied head stays one array.
-    embed = _owned(graph.array(embed_gather.input[0]))
+    embed = huge_page_copy(graph.array(embed_gather.input[0]))
     tied = head.input[1] == embed_gather.input[0]
-    lm_head = embed if tied else _owned(graph.array(head.input[1]))
+    lm_head = embed if tied else huge_page_copy(graph.array(head.input[1]))
     if rotary_names is not None:
         cos, sin = graph.array(rotary_names[0]), graph.array(rotary_names[1])
     else:

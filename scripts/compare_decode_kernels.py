@@ -28,6 +28,7 @@ import numpy as np
 
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.runtime.bench import read_bandwidth, save_results
+from enginesmith.runtime.decode_plan import CompiledDecoder
 from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
 from enginesmith.runtime.session import EngineSession
 
@@ -50,6 +51,30 @@ def fill_random_caches(session: EngineSession) -> None:
     rng = np.random.default_rng(0)
     for buffer in (session.cache_key_all, session.cache_value_all):
         buffer[...] = rng.standard_normal(buffer.shape, np.float32) * 0.5
+
+
+def kernel_session(engine: Path) -> tuple[EngineSession, CompiledDecoder]:
+    """ENGINE loaded with the decode kernels on and random caches (fill_random_caches), and
+    its decoder; exits naming why when the engine has no decode kernels."""
+    session = EngineSession(engine, read_manifest(engine, verify_hashes=False), decode_kernels=True)
+    if session.decoder is None:
+        raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
+    fill_random_caches(session)
+    return session, session.decoder
+
+
+def add_step_ab_arguments(p: argparse.ArgumentParser, reps: int, each: str) -> None:
+    """The arguments every step A/B script takes: ENGINE, --context, --steps and --reps
+    (EACH names what runs once per repetition)."""
+    p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
+    p.add_argument("--context", type=int, default=640, help="cached tokens before the steps")
+    p.add_argument("--steps", type=int, default=40, help="steps timed per turn (2 warm-up)")
+    p.add_argument("--reps", type=int, default=reps, help=f"repetitions (each {each} once)")
+
+
+def check_step_ab_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    if args.steps < 3 or args.reps < 1 or args.context < 1:
+        p.error("--steps must be >= 3 (2 are warm-up), --reps and --context >= 1")
 
 
 def second_thread_ms(timed: Callable[[], float]) -> dict[str, float]:

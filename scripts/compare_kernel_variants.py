@@ -38,13 +38,16 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
-from compare_decode_kernels import fill_random_caches, step_ms  # neighbours in scripts/
+from compare_decode_kernels import (  # neighbours in scripts/
+    add_step_ab_arguments,
+    check_step_ab_arguments,
+    kernel_session,
+    step_ms,
+)
 
-from enginesmith.compiler.artifact import read_manifest
 from enginesmith.runtime import decode_kernels
 from enginesmith.runtime.bench import read_bandwidth, save_results
 from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
-from enginesmith.runtime.session import EngineSession
 
 COMMITTED = "committed"
 LEVEL_TOLERANCE = 0.10  # bandwidth samples of a repetition this close: the level held
@@ -65,24 +68,15 @@ def load_variant(path: Path) -> ModuleType:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
+    add_step_ab_arguments(p, reps=8, each="kernel set")
     p.add_argument("variants", type=Path, nargs="+", help="edited copies of decode_kernels.py")
-    p.add_argument("--context", type=int, default=640, help="cached tokens before the steps")
-    p.add_argument("--steps", type=int, default=40, help="steps timed per turn (2 warm-up)")
-    p.add_argument("--reps", type=int, default=8, help="repetitions (each kernel set once)")
     args = p.parse_args()
-    if args.steps < 3 or args.reps < 1 or args.context < 1:
-        p.error("--steps must be >= 3 (2 are warm-up), --reps and --context >= 1")
+    check_step_ab_arguments(p, args)
     missing = [str(v) for v in args.variants if not v.is_file()]
     if missing:
         p.error(f"no such variant file: {', '.join(missing)}")
 
-    manifest = read_manifest(args.engine, verify_hashes=False)
-    session = EngineSession(args.engine, manifest, decode_kernels=True)
-    decoder = session.decoder
-    if decoder is None:
-        raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
-    fill_random_caches(session)
+    session, decoder = kernel_session(args.engine)
     kernel_sets = {COMMITTED: decode_kernels} | {v.stem: load_variant(v) for v in args.variants}
 
     def step(rows: int, position: int) -> np.ndarray:

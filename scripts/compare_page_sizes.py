@@ -8,61 +8,61 @@ Three cases per repetition (order reversed every other one), each the median of 
 steps after CONTEXT cached tokens (random cache contents, the same in every case):
 "4 KiB pages" (weights and caches copied into mappings madvised MADV_NOHUGEPAGE),
 "2 MiB weights" (the runtime's weights, 4 KiB caches) and "2 MiB all" (the runtime's weights
-and caches). The logits of the three are compared first. The core handoff
-(runtime/core_handoff.py) is sampled before and after each repetition and the summary is given
-per core placement: the host's two bandwidth levels are the two placements. Writes JSON into
-the cache's bench/ folder.
+and caches). First it prints how much of the runtime's arrays, and of a 64 MiB numpy array
+(how the runtime allocated them before), the kernel backed with huge pages, and compares the
+three cases' logits. The core handoff (runtime/core_handoff.py) is sampled before and after
+each repetition and the summary is given per core placement: the host's two bandwidth levels
+are the two placements. Writes JSON into the cache's bench/ folder.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import mmap
 import sys
-import time
-from pathlib import Path
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-from compare_decode_kernels import fill_random_caches  # a neighbour in scripts/
+from compare_decode_kernels import (  # neighbours in scripts/
+    add_step_ab_arguments,
+    check_step_ab_arguments,
+    kernel_session,
+    step_ms,
+)
 
-from enginesmith.compiler.artifact import read_manifest
 from enginesmith.runtime.bench import read_bandwidth, save_results
 from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
-from enginesmith.runtime.huge_pages import huge_page_bytes
-from enginesmith.runtime.session import EngineSession
+from enginesmith.runtime.huge_pages import huge_page_bytes, small_page_empty
 
 STREAMED = ("lm_head", "w_qkv", "w_o", "w_gate_up", "w_down")
 SMALL, HUGE_WEIGHTS, HUGE_ALL = "4 KiB pages", "2 MiB weights", "2 MiB all"
 
 
 def small_page_copy(array: np.ndarray) -> np.ndarray:
-    """A copy of ARRAY in a private mapping madvised MADV_NOHUGEPAGE: 4 KiB pages even where
-    the OS would give huge pages unasked (THP "always")."""
-    mapping = mmap.mmap(-1, array.nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    mapping.madvise(mmap.MADV_NOHUGEPAGE)
-    out = np.frombuffer(mapping, np.float32).reshape(array.shape)
+    """A copy of ARRAY on 4 KiB pages (huge_pages.small_page_empty)."""
+    out = small_page_empty(array.shape)
     out[...] = array
     return out
 
 
+NUMPY_PROBE_BYTES = 64 << 20  # small: freeing much memory stalls the next steps on this VM
+
+
+def numpy_huge_bytes(nbytes: int = NUMPY_PROBE_BYTES) -> int:
+    """Bytes of a written numpy array of NBYTES that the kernel backed with huge pages."""
+    array = np.empty(nbytes // 4, np.float32)
+    array.fill(1.0)
+    return huge_page_bytes(array) or 0
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("engine", type=Path, help="onnxruntime engine directory (fp32, fused)")
-    p.add_argument("--context", type=int, default=640, help="cached tokens before the steps")
-    p.add_argument("--steps", type=int, default=40, help="steps timed per case (2 warm-up)")
-    p.add_argument("--reps", type=int, default=10, help="repetitions (each case once)")
+    add_step_ab_arguments(p, reps=10, each="case")
     args = p.parse_args()
-    if args.steps < 3 or args.reps < 1 or args.context < 1:
-        p.error("--steps must be >= 3 (2 are warm-up), --reps and --context >= 1")
+    check_step_ab_arguments(p, args)
 
-    session = EngineSession(
-        args.engine, read_manifest(args.engine, verify_hashes=False), decode_kernels=True
-    )
-    decoder = session.decoder
-    if decoder is None:
-        raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
-    fill_random_caches(session)
+    session, decoder = kernel_session(args.engine)
     huge_plan = decoder.plan
     small = {name: small_page_copy(getattr(huge_plan, name)) for name in STREAMED}
     tied = huge_plan.embed is huge_plan.lm_head
@@ -71,12 +71,17 @@ def main() -> None:
     )
     huge_caches = (session.cache_key_all, session.cache_value_all)
     small_caches = tuple(small_page_copy(c) for c in huge_caches)
-    huge_bytes = sum(huge_page_bytes(getattr(huge_plan, n)) or 0 for n in STREAMED)
+    streamed = sum(getattr(huge_plan, n).nbytes for n in STREAMED)
+    pages = {
+        "runtime_weights": sum(huge_page_bytes(getattr(huge_plan, n)) or 0 for n in STREAMED),
+        "runtime_kv_caches": sum(huge_page_bytes(c) or 0 for c in huge_caches),
+        "numpy_array_64_mib": numpy_huge_bytes(),
+    }
     print(
-        f"runtime's weights: {huge_bytes >> 20} of "
-        f"{sum(getattr(huge_plan, n).nbytes for n in STREAMED) >> 20} MiB on huge pages; "
-        f"KV caches {sum(huge_page_bytes(c) or 0 for c in huge_caches) >> 20} of "
-        f"{sum(c.nbytes for c in huge_caches) >> 20} MiB",
+        f"on huge pages: runtime's weights {pages['runtime_weights'] >> 20} of {streamed >> 20} "
+        f"MiB; KV caches {pages['runtime_kv_caches'] >> 20} of "
+        f"{sum(c.nbytes for c in huge_caches) >> 20} MiB; a 64 MiB numpy array "
+        f"{pages['numpy_array_64_mib'] >> 20} MiB",
         flush=True,
     )
     cases = {
@@ -85,33 +90,30 @@ def main() -> None:
         HUGE_ALL: (huge_plan, huge_caches),
     }
 
-    def step_ms(case: str, position: int, steps: int) -> tuple[float, np.ndarray]:
+    def run(case: str) -> Callable[[int, int], np.ndarray]:
         plan, (keys, values) = cases[case]
-        decoder.plan = plan
-        times, logits = [], np.empty(0)
-        for i in range(steps):
-            start = time.perf_counter()
-            logits = decoder.step(
-                keys, values, 0, np.full(1, 7), np.full(1, position + i), np.arange(1)
-            )
-            times.append(time.perf_counter() - start)
-        return float(np.median(times[2:])) * 1e3 if steps > 2 else 0.0, logits
 
-    reference = step_ms(SMALL, args.context, 1)[1]
-    differences = {
-        c: float(np.abs(step_ms(c, args.context, 1)[1] - reference).max()) for c in cases
-    }
+        def step(rows: int, position: int) -> np.ndarray:
+            decoder.plan = plan
+            return decoder.step(
+                keys, values, 0, np.full(rows, 7), np.full(rows, position), np.arange(rows)
+            )
+
+        return step
+
+    reference = run(SMALL)(1, args.context)
+    differences = {c: float(np.abs(run(c)(1, args.context) - reference).max()) for c in cases}
     print(
         "max |logit difference| to 4 KiB pages: "
         + ", ".join(f"{c} {d:.1e}" for c, d in differences.items())
     )
 
-    rows = []
+    rows: list[dict[str, Any]] = []
     order = list(cases)
     for rep in range(args.reps):
         before, bandwidth = core_handoff_ns(), read_bandwidth()
         times = {
-            c: step_ms(c, args.context, args.steps)[0]
+            c: step_ms(run(c), args.context, args.steps, 1)
             for c in (order if rep % 2 == 0 else order[::-1])
         }
         handoff = [before, core_handoff_ns()]
@@ -140,6 +142,7 @@ def main() -> None:
     record = {
         "command": " ".join(sys.argv),
         "args": {k: str(v) for k, v in vars(args).items()},
+        "huge_page_bytes": pages,
         "max_abs_logit_difference": differences,
         "repetitions": rows,
         "summary": summary,

@@ -28,18 +28,11 @@ KINDS = ("standalone body (runtime)", "linked copy")
 
 def child(engine: Path, linked: bool, context: int, steps: int) -> dict[str, float]:
     """ms per 1-row step in this process: weight products alone and whole steps."""
-    from compare_decode_kernels import fill_random_caches  # this script's neighbour in scripts/
+    from compare_decode_kernels import kernel_session  # this script's neighbour in scripts/
 
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.session import EngineSession
-
-    session = EngineSession(engine, read_manifest(engine, verify_hashes=False))
-    decoder = session.decoder
-    if decoder is None:
-        raise SystemExit(f"no decode kernels for this engine: {session.decoder_unavailable}")
+    session, decoder = kernel_session(engine)
     if linked:
         decoder._step_thread_loaded = True  # skip the runtime's load of the standalone body
-    fill_random_caches(session)
     keys, values = session.cache_key_all, session.cache_value_all
 
     def step(position: int) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import mmap
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from enginesmith.runtime.huge_pages import (
     huge_page_bytes,
     huge_page_copy,
     huge_page_empty,
+    small_page_empty,
 )
 
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
@@ -55,9 +55,7 @@ def test_huge_pages_are_granted_where_the_kernel_allows_them() -> None:
     madvised MADV_NOHUGEPAGE reports none, so the measure can fail."""
     array = huge_page_empty((4, 1024, 1024))  # 16 MiB
     array.fill(1.0)  # the first touch faults the pages in
-    control_map = mmap.mmap(-1, 16 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    control_map.madvise(mmap.MADV_NOHUGEPAGE)
-    control = np.frombuffer(control_map, np.float32)
+    control = small_page_empty((4, 1024, 1024))
     control.fill(1.0)
     assert huge_page_bytes(control) == 0
     granted = huge_page_bytes(array)
