@@ -433,17 +433,19 @@ def _end_serial(sync, phase, threads, weights_only, ran):  # type: ignore[no-unt
 
 
 @njit(cache=True, inline="always")
-def _claim_in_segments(sync, phase, me, threads, total, cursor):  # type: ignore[no-untyped-def]
-    """The next of TOTAL units of PHASE for thread ME, or -1 when none is left. The units are
-    cut into one contiguous segment per thread: ME's own first, front to back (one long
+def _claim_in_segments(sync, phase, me, threads, total, cursor, step=1):  # type: ignore[no-untyped-def]
+    """The first of the next STEP (or fewer, at a segment's end) of TOTAL units of PHASE for
+    thread ME, or -1 when none is left; cursor[1] is then the end of the claimed run. The units
+    are cut into one contiguous segment per thread: ME's own first, front to back (one long
     stream for the hardware prefetchers), then what is left of the others' (a thread the OS
-    slows down, or one that never starts, holds no one up). CURSOR (int64[1], 0 at the
-    phase's start) is how many segments ME has used up."""
+    slows down, or one that never starts, holds no one up). CURSOR (int64[2], cursor[0] = 0 at
+    the phase's start) counts the segments ME has used up."""
     while cursor[0] < threads:
         segment = (me + cursor[0]) % threads
         lo, hi = total * segment // threads, total * (segment + 1) // threads
-        unit = lo + atomic_add(sync, _counter(phase, segment, threads), 1)
+        unit = lo + atomic_add(sync, _counter(phase, segment, threads), step)
         if unit < hi:
+            cursor[1] = min(hi, unit + step)
             return unit
         cursor[0] += 1
     return -1
@@ -485,20 +487,22 @@ def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _matmul_phase(sync, phase, me, threads, cursor, x, w, out):  # type: ignore[no-untyped-def]
-    """out = x @ w^T as one phase, claimed in chunks of whole 8-row weight blocks, about
-    CHUNKS_PER_THREAD per thread's segment (_claim_in_segments)."""
+    """out = x @ w^T as one phase over 8-row weight blocks: each thread's segment holds an equal
+    share of the blocks, claimed in about CHUNKS_PER_THREAD runs (_claim_in_segments). Segments
+    of whole runs instead (15 runs of 64 rows for a 960-row QKV) left one thread a run more, for
+    the other to steal cold at the phase's end: 1.6% of a step at two CCXs, 1.1% at one
+    (scripts/compare_kernel_variants.py, docs/benchmarks.md)."""
     n = w.shape[0]
-    share = (n + threads * CHUNKS_PER_THREAD - 1) // (threads * CHUNKS_PER_THREAD)
-    rows_per_chunk = (share + 7) // 8 * 8
-    chunks = (n + rows_per_chunk - 1) // rows_per_chunk
+    blocks = (n + 7) // 8
+    step = max(1, (blocks + threads * CHUNKS_PER_THREAD - 1) // (threads * CHUNKS_PER_THREAD))
     cursor[0], done = 0, 0
-    c = _claim_in_segments(sync, phase, me, threads, chunks, cursor)
-    while c >= 0:
-        j0 = c * rows_per_chunk
-        _matmul_rows(x, w, out, j0, min(n, j0 + rows_per_chunk))
-        done += 1
-        c = _claim_in_segments(sync, phase, me, threads, chunks, cursor)
-    _finish_phase(sync, phase, threads, done, chunks)
+    b = _claim_in_segments(sync, phase, me, threads, blocks, cursor, step)
+    while b >= 0:
+        end = cursor[1]
+        _matmul_rows(x, w, out, b * 8, min(n, end * 8))
+        done += end - b
+        b = _claim_in_segments(sync, phase, me, threads, blocks, cursor, step)
+    _finish_phase(sync, phase, threads, done, blocks)
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy")
@@ -526,7 +530,7 @@ def _step_thread(  # type: ignore[no-untyped-def]
     scores = np.empty((group, chunk), np.float32)
     attention_bits = np.empty(chunk, np.int32)
     silu_bits = np.empty(act.shape[1], np.int32)
-    cursor = np.zeros(1, np.int64)
+    cursor = np.zeros(2, np.int64)
     phase = 0
     for layer in range(w_qkv.shape[0]):
         ran = _claims_serial(sync, phase, threads, weights_only)
