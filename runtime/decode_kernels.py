@@ -28,7 +28,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from enginesmith.runtime.intrinsics import atomic_add, atomic_load, prefetch
+from enginesmith.runtime.intrinsics import argmax, atomic_add, atomic_load, prefetch
 
 ATTENTION_CHUNK = 128  # context positions per attention work item
 PREFETCH_ROWS = 16  # keys named ahead of the one being read (4 KiB of fp32 rows of 64)
@@ -394,11 +394,18 @@ def chunks_per_row(max_context: int, chunk: int = ATTENTION_CHUNK) -> int:
     return max(1, math.ceil(max_context / chunk))
 
 
-def sync_counters(layers: int, threads: int) -> int:
-    """Length of the int64 counter array a decode step over LAYERS layers on THREADS threads
-    synchronizes on: per phase, one claim counter per thread's segment and a done counter;
-    then the counter that numbers the threads."""
-    phases = layers * PHASES_PER_LAYER + 2
+@njit(cache=True)
+def phases_per_step(layers):  # type: ignore[no-untyped-def]
+    """Phases of one decode step: PHASES_PER_LAYER per layer, the final norm, the LM head and
+    the token pick of a greedy run."""
+    return layers * PHASES_PER_LAYER + 3
+
+
+def sync_counters(layers: int, threads: int, steps: int = 1) -> int:
+    """Length of the int64 counter array that STEPS decode steps over LAYERS layers on THREADS
+    threads synchronize on: per phase, one claim counter per thread's segment and a done
+    counter; then the counter that numbers the threads."""
+    phases = phases_per_step(layers) * steps
     return (phases * (threads + 1) + 1) * SYNC_STRIDE
 
 
@@ -511,97 +518,116 @@ def _step_thread(  # type: ignore[no-untyped-def]
     w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache, rotary,
     interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window, chunk, part_max,
     part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act, selected, final, logits,
-    sync,
+    tokens, stop_ids, sync,
 ):  # fmt: skip
     """One thread's part of a decode step: the phases in order, each weight product and the
     attention items shared out chunk by chunk, each sequential piece (norms, residual adds,
     rotary and cache write, softmax merge, SiLU product) run by the first thread to claim it.
     A thread waits for a phase's last chunk before the next phase. Correct with any number of
     threads actually running, one included: a thread that arrives late finds every chunk
-    claimed and every count reached. WEIGHTS_ONLY runs the weight products alone."""
+    claimed and every count reached. WEIGHTS_ONLY runs the weight products alone.
+
+    A non-empty TOKENS (one row) makes it a greedy run of len(TOKENS) steps: after each LM
+    head the argmax token is written to TOKENS and becomes the next step's input at the next
+    position; a token in STOP_IDS ends the run (the rest of TOKENS keeps its -1)."""
     rows = ids.shape[0]
-    phases = w_qkv.shape[0] * PHASES_PER_LAYER + 2
-    me = atomic_add(sync, _counter(phases, 0, threads), 1) % threads  # this thread's segments
+    steps = max(1, tokens.shape[0])
+    per_step = phases_per_step(w_qkv.shape[0])
+    me = atomic_add(sync, _counter(per_step * steps, 0, threads), 1) % threads  # its segments
     group = n_heads // n_kv
-    item_row, item_head, item_start, item_stop, items = _attention_items(
-        positions, n_kv, window, chunk, part_max.shape[0]
-    )
     q = np.empty((group, head_dim), np.float32)
     scores = np.empty((group, chunk), np.float32)
     attention_bits = np.empty(chunk, np.int32)
     silu_bits = np.empty(act.shape[1], np.int32)
     cursor = np.zeros(2, np.int64)
     phase = 0
-    for layer in range(w_qkv.shape[0]):
-        ran = _claims_serial(sync, phase, threads, weights_only)
-        if ran:
-            if layer == 0:
-                for m in range(rows):
-                    hidden[m, :] = embed[ids[m]]
-            else:
-                add_into(hidden, proj)  # the previous layer's down projection
-            rms_norm(hidden, norm_in[layer], eps, normed)
-        _end_serial(sync, phase, threads, weights_only, ran)
-        phase += 1
-        _matmul_phase(sync, phase, me, threads, cursor, normed, w_qkv[layer], qkv)
-        phase += 1
-        ran = _claims_serial(sync, phase, threads, weights_only)
-        if ran:
-            if b_qkv.shape[0]:
-                add_into(qkv, b_qkv[layer : layer + 1])
-            rotary_and_cache_write(
-                qkv, positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim,
-                cos_cache, sin_cache, rotary, interleaved,
-            )  # fmt: skip
-        _end_serial(sync, phase, threads, weights_only, ran)
-        phase += 1
-        if not weights_only:
-            cursor[0], done = 0, 0
-            it = _claim_in_segments(sync, phase, me, threads, items, cursor)
-            while it >= 0:
-                _attention_item(
-                    it, item_row, item_head, item_start, item_stop, qkv, slot0, cache_k[layer],
-                    cache_v[layer], head_dim, scale, q, scores, attention_bits, part_max,
-                    part_sum, part_acc,
+    for step in range(steps):
+        item_row, item_head, item_start, item_stop, items = _attention_items(
+            positions, n_kv, window, chunk, part_max.shape[0]
+        )
+        for layer in range(w_qkv.shape[0]):
+            ran = _claims_serial(sync, phase, threads, weights_only)
+            if ran:
+                if layer == 0:
+                    for m in range(rows):
+                        hidden[m, :] = embed[ids[m]]
+                else:
+                    add_into(hidden, proj)  # the previous layer's down projection
+                rms_norm(hidden, norm_in[layer], eps, normed)
+            _end_serial(sync, phase, threads, weights_only, ran)
+            phase += 1
+            _matmul_phase(sync, phase, me, threads, cursor, normed, w_qkv[layer], qkv)
+            phase += 1
+            ran = _claims_serial(sync, phase, threads, weights_only)
+            if ran:
+                if b_qkv.shape[0]:
+                    add_into(qkv, b_qkv[layer : layer + 1])
+                rotary_and_cache_write(
+                    qkv, positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim,
+                    cos_cache, sin_cache, rotary, interleaved,
                 )  # fmt: skip
-                done += 1
+            _end_serial(sync, phase, threads, weights_only, ran)
+            phase += 1
+            if not weights_only:
+                cursor[0], done = 0, 0
                 it = _claim_in_segments(sync, phase, me, threads, items, cursor)
-            _finish_phase(sync, phase, threads, done, items)
-        phase += 1
-        ran = _claims_serial(sync, phase, threads, weights_only)
-        if ran:
-            _merge_partials(
-                item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
-            )
-            _zero_idle_rows(positions, attn)
-        _end_serial(sync, phase, threads, weights_only, ran)
-        phase += 1
-        _matmul_phase(sync, phase, me, threads, cursor, attn, w_o[layer], proj)
-        phase += 1
+                while it >= 0:
+                    _attention_item(
+                        it, item_row, item_head, item_start, item_stop, qkv, slot0, cache_k[layer],
+                        cache_v[layer], head_dim, scale, q, scores, attention_bits, part_max,
+                        part_sum, part_acc,
+                    )  # fmt: skip
+                    done += 1
+                    it = _claim_in_segments(sync, phase, me, threads, items, cursor)
+                _finish_phase(sync, phase, threads, done, items)
+            phase += 1
+            ran = _claims_serial(sync, phase, threads, weights_only)
+            if ran:
+                _merge_partials(
+                    item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
+                )
+                _zero_idle_rows(positions, attn)
+            _end_serial(sync, phase, threads, weights_only, ran)
+            phase += 1
+            _matmul_phase(sync, phase, me, threads, cursor, attn, w_o[layer], proj)
+            phase += 1
+            ran = _claims_serial(sync, phase, threads, weights_only)
+            if ran:
+                add_into(hidden, proj)
+                rms_norm(hidden, norm_post[layer], eps, normed)
+            _end_serial(sync, phase, threads, weights_only, ran)
+            phase += 1
+            _matmul_phase(sync, phase, me, threads, cursor, normed, w_gate_up[layer], gate_up)
+            phase += 1
+            ran = _claims_serial(sync, phase, threads, weights_only)
+            if ran:
+                silu_product(gate_up, act, silu_bits)
+            _end_serial(sync, phase, threads, weights_only, ran)
+            phase += 1
+            _matmul_phase(sync, phase, me, threads, cursor, act, w_down[layer], proj)
+            phase += 1
         ran = _claims_serial(sync, phase, threads, weights_only)
         if ran:
             add_into(hidden, proj)
-            rms_norm(hidden, norm_post[layer], eps, normed)
+            for r in range(logits_rows.shape[0]):
+                selected[r, :] = hidden[logits_rows[r]]
+            rms_norm(selected, norm_final, eps, final)
         _end_serial(sync, phase, threads, weights_only, ran)
         phase += 1
-        _matmul_phase(sync, phase, me, threads, cursor, normed, w_gate_up[layer], gate_up)
+        _matmul_phase(sync, phase, me, threads, cursor, final, lm_head, logits)
         phase += 1
-        ran = _claims_serial(sync, phase, threads, weights_only)
-        if ran:
-            silu_product(gate_up, act, silu_bits)
-        _end_serial(sync, phase, threads, weights_only, ran)
+        ran = _claims_serial(sync, phase, threads, weights_only or tokens.shape[0] == 0)
+        if ran:  # the greedy run's token pick
+            token = argmax(logits[0])
+            tokens[step], ids[0] = token, token
+            positions[0] += 1
+            for stop in stop_ids:
+                if token == stop:
+                    atomic_add(sync, _counter(phase, 1, threads), 1)  # the run's end, seen by all
+        _end_serial(sync, phase, threads, weights_only or tokens.shape[0] == 0, ran)
+        if atomic_load(sync, _counter(phase, 1, threads)) > 0:
+            break
         phase += 1
-        _matmul_phase(sync, phase, me, threads, cursor, act, w_down[layer], proj)
-        phase += 1
-    ran = _claims_serial(sync, phase, threads, weights_only)
-    if ran:
-        add_into(hidden, proj)
-        for r in range(logits_rows.shape[0]):
-            selected[r, :] = hidden[logits_rows[r]]
-        rms_norm(selected, norm_final, eps, final)
-    _end_serial(sync, phase, threads, weights_only, ran)
-    phase += 1
-    _matmul_phase(sync, phase, me, threads, cursor, final, lm_head, logits)
 
 
 @njit(parallel=True, fastmath=FAST, cache=True, error_model="numpy")
@@ -610,12 +636,14 @@ def decode_step(  # type: ignore[no-untyped-def]
     w_o, w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache, sin_cache, rotary,
     interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window, chunk, part_max,
     part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act, selected, final, logits,
-    sync,
+    tokens, stop_ids, sync,
 ):  # fmt: skip
     """One decode step over rows [0, M) as ONE parallel region: token ids [M], positions [M]
     (-1 = idle row), logits_rows [R] -> logits [R, V]. Row m is cache slot slot0 + m of the
-    caches [L, max_batch, Nkv, MAX, H], updated in place. SYNC (sync_counters(L, threads)
-    int64s) must be zero on entry.
+    caches [L, max_batch, Nkv, MAX, H], updated in place. With a non-empty TOKENS [K] (M = 1),
+    K greedy steps instead, each step's argmax token written to TOKENS and fed to the next
+    (ids and positions advance in place), up to a token in STOP_IDS. SYNC
+    (sync_counters(L, threads, max(1, K)) int64s) must be zero on entry.
 
     One region instead of one per weight product and attention (~150 a step): libgomp stops
     spinning between regions once its thread teams outnumber the cores (a second thread
@@ -626,7 +654,7 @@ def decode_step(  # type: ignore[no-untyped-def]
             b_qkv, w_o, w_gate_up, w_down, norm_in, norm_post, norm_final, eps, cos_cache,
             sin_cache, rotary, interleaved, cache_k, cache_v, n_heads, n_kv, head_dim, scale, window,
             chunk, part_max, part_sum, part_acc, hidden, normed, qkv, attn, proj, gate_up, act,
-            selected, final, logits, sync,
+            selected, final, logits, tokens, stop_ids, sync,
         )  # fmt: skip
 
 

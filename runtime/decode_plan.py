@@ -272,6 +272,9 @@ def _read_plan(graph: _Graph) -> DecodePlan:
     )
 
 
+_NO_TOKENS = np.zeros(0, np.int64)  # a single step: logits out, no greedy run
+
+
 class CompiledDecoder:
     """Runs decode steps (one new token per row) of a DecodePlan on the compiled kernels,
     over the session's KV caches [L, max_batch, Nkv, MAX, H] (updated in place)."""
@@ -336,6 +339,36 @@ class CompiledDecoder:
                      cache_key, cache_value)  # fmt: skip
         return logits
 
+    def greedy_run(
+        self,
+        cache_key: np.ndarray,  # [L, max_batch, Nkv, MAX, H]
+        cache_value: np.ndarray,
+        slot: int,
+        token: int,
+        position: int,
+        steps: int,
+        stop_ids: np.ndarray,  # [s] int64
+    ) -> np.ndarray:
+        """Up to STEPS greedy decode steps of slot SLOT in ONE kernel call: TOKEN at POSITION
+        first, then each step's argmax token at the next position, until a token in STOP_IDS
+        (kept). Returns the tokens made ([n], n <= STEPS); the cache holds the keys and values
+        of every input token. The call's fixed costs (Python, waking the threads, the host
+        between steps) are paid once for the run instead of once a token."""
+        a = self.plan.attention
+        last = position + steps - 1
+        if steps < 1 or last >= cache_key.shape[3]:
+            raise ValueError(f"{steps} steps from position {position} do not fit the cache "
+                             "[developer error]")  # fmt: skip
+        span = last + 1 if a.local_window_size < 0 else min(last + 1, a.local_window_size)
+        per_row = self._kernels.chunks_per_row(span, self.chunk)
+        tokens = np.full(steps, -1, np.int64)
+        logits = np.empty((1, self.plan.lm_head.shape[0]), np.float32)
+        self._launch(False, np.array([token]), np.array([position]), np.zeros(1, np.int64), slot,
+                     per_row, logits, cache_key, cache_value, tokens,
+                     stop_ids.astype(np.int64, copy=False))  # fmt: skip
+        made = int(np.count_nonzero(tokens >= 0))
+        return tokens[:made]
+
     def _launch(
         self,
         weights_only: bool,
@@ -347,15 +380,19 @@ class CompiledDecoder:
         logits: np.ndarray,
         cache_key: np.ndarray,
         cache_value: np.ndarray,
+        tokens: np.ndarray = _NO_TOKENS,
+        stop_ids: np.ndarray = _NO_TOKENS,
     ) -> None:
         plan, a = self.plan, self.plan.attention
         rows, d = input_ids.shape[0], plan.embed.shape[1]
         selected = np.empty((logits_rows.shape[0], d), np.float32)
         final = np.zeros_like(selected)  # weights_only: defined inputs for the LM head
-        needed = self._kernels.sync_counters(plan.w_qkv.shape[0], self.threads)
-        if self._sync.shape[0] != needed:
+        needed = self._kernels.sync_counters(
+            plan.w_qkv.shape[0], self.threads, max(1, tokens.shape[0])
+        )
+        if self._sync.shape[0] < needed:
             self._sync = np.zeros(needed, np.int64)
-        self._sync.fill(0)
+        self._sync[:needed].fill(0)
         args = (
             self.threads, weights_only,
             input_ids.astype(np.int64, copy=False),
@@ -372,7 +409,7 @@ class CompiledDecoder:
             self._part_acc[: rows * a.kv_num_heads * per_row],
             self._hidden[:rows], self._normed[:rows], self._qkv[:rows], self._attn[:rows],
             self._proj[:rows], self._gate_up[:rows], self._act[:rows], selected, final, logits,
-            self._sync,
+            tokens, stop_ids, self._sync[:needed],
         )  # fmt: skip
         if not self._step_thread_loaded:
             self._load_step_thread_first(args)

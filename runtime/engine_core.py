@@ -7,6 +7,14 @@ slots in that range are idle, query_seqlens = 0). Multi-token chunks (prefill or
 are grouped by adjacent slots into calls whose right padding stays under MAX_PADDING of the
 real tokens (one weight read for several prompts); a decode row is never padded to a
 chunk's length, which would multiply the work of the whole call.
+
+A step that is one greedy decode and nothing else (one running request, none waiting) runs
+up to `greedy_run` decode steps in ONE kernel call (EngineSession.greedy_run): the argmax
+is taken in the kernel and fed back, and the call's fixed costs, ~0.25 ms of a ~8 ms token
+here (Python, waking the kernel's threads, the host between calls), are paid once per run
+(docs/benchmarks.md). The tokens then go through the same bookkeeping as single steps', one
+by one; those after the request finishes (a stop string) are dropped. A request arriving
+meanwhile waits for the run's end: at most greedy_run - 1 steps.
 """
 
 from __future__ import annotations
@@ -30,11 +38,15 @@ from enginesmith.runtime.scheduler import (
     SchedRequest,
     ScheduledChunk,
     Scheduler,
+    SchedulerOutput,
 )
 from enginesmith.runtime.session import EngineSession
 
 # A prefill call may compute at most this fraction of padding on top of its real tokens.
 MAX_PADDING = 0.25
+# Greedy decode steps per kernel call when one request decodes alone: the fixed costs of a
+# call shrink to an eighth per token, and a request arriving meanwhile waits <= 7 steps.
+GREEDY_RUN_STEPS = 8
 
 
 @dataclass
@@ -47,7 +59,8 @@ class RequestStats:
     prefill_s: float = 0.0  # engine time of the calls that computed this request's prompt
     decode_s: float = 0.0  # from the first to the last generated token
     # Engine time of each decode call that computed one of tokens 2..n, in order (a call that
-    # steps several requests counts in full for each).
+    # steps several requests counts in full for each; a greedy run's call, split evenly over
+    # the tokens it made).
     decode_call_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
     num_preemptions: int = 0
@@ -156,8 +169,10 @@ class EngineCore:
         max_num_tokens: int,
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
+        greedy_run: int = GREEDY_RUN_STEPS,
     ) -> None:
         self.session = session
+        self.greedy_run = greedy_run
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         kv = KVCacheManager(session.max_batch, session.max_seq_len, kv_budget_tokens)
@@ -195,6 +210,9 @@ class EngineCore:
             if self.scheduler.has_unfinished:
                 raise RuntimeError("scheduler made no progress [developer error]")
             return []
+        steps = self._greedy_run_steps(output)
+        if steps > 1:
+            return [self._run_greedy(output.chunks[0], steps)]
         logits = self._execute(output.chunks)
         sampled: dict[str, int] = {}
         for chunk in output.chunks:
@@ -212,6 +230,55 @@ class EngineCore:
                 del self.live[request_id]
             events.append(StepEvent(request, delta, request.finish_reason is not None))
         return events
+
+    def _greedy_run_steps(self, output: SchedulerOutput) -> int:
+        """Decode steps this iteration may run in one greedy kernel call (1 = a normal step):
+        one greedy decode alone, on the kernels, capped by max_tokens, the slot and the KV
+        budget (reserved here for the whole run)."""
+        if self.greedy_run < 2 or len(output.chunks) != 1 or output.preempted:
+            return 1
+        if self.scheduler.waiting or not getattr(self.session, "runs_greedy_on_kernels", False):
+            return 1
+        chunk = output.chunks[0]
+        sched = chunk.request
+        request = self.live[sched.request_id]
+        if not (chunk.num_new_tokens == 1 and chunk.samples and request.params.greedy):
+            return 1
+        if chunk.start < len(sched.prompt_token_ids):  # a 1-token prompt: a prefill
+            return 1
+        left = request.params.max_tokens - len(sched.output_token_ids)
+        room = self.session.max_seq_len - 1 - chunk.start  # positions start.. stay in the slot
+        steps = min(self.greedy_run, left, room)
+        if steps < 2 or not self.scheduler.kv.reserve(sched, chunk.start + steps):
+            return 1
+        return steps
+
+    def _run_greedy(self, chunk: ScheduledChunk, steps: int) -> StepEvent:
+        """Up to STEPS greedy decode steps of CHUNK's request in one kernel call, then each
+        token accepted as a single step's would be."""
+        sched = chunk.request
+        request = self.live[sched.request_id]
+        stops = set(request.params.stop_token_ids)
+        if not request.params.ignore_eos:
+            stops |= self.eos_token_ids
+        start = time.perf_counter()
+        tokens = self.session.greedy_run(
+            sched.slot, sched.token_at(chunk.start), chunk.start, steps,
+            np.array(sorted(stops), np.int64),
+        )  # fmt: skip
+        per_token = (time.perf_counter() - start) / len(tokens)
+        now = time.perf_counter()
+        deltas = []
+        for i, token in enumerate(tokens.tolist()):
+            one = ScheduledChunk(sched, chunk.start + i, 1, samples=True)
+            self.scheduler.update(SchedulerOutput([one]), {sched.request_id: token})
+            request.stats.decode_call_s.append(per_token)
+            deltas.append(self._accept(request, token, now))
+            if request.finish_reason is not None:
+                self.scheduler.finish(sched)
+                del self.live[sched.request_id]
+                break
+        return StepEvent(request, "".join(deltas), request.finish_reason is not None)
 
     def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
         """Run CHUNKS on the session; return last-position logits per sampling request."""

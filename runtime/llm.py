@@ -14,6 +14,7 @@ from typing import Any
 from enginesmith.compiler.artifact import read_manifest
 from enginesmith.compiler.errors import BackendUnavailableError, InvalidRequestError
 from enginesmith.runtime.engine_core import (
+    GREEDY_RUN_STEPS,
     EngineCore,
     LiveRequest,
     RequestOutput,
@@ -62,6 +63,7 @@ class LLM:
         max_waiting: int | None = None,
         spin_wait: bool = True,
         decode_kernels: bool | None = None,
+        greedy_run: int = GREEDY_RUN_STEPS,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -78,6 +80,11 @@ class LLM:
             level in-flight serving (docs/benchmarks.md). None = the ENGINESMITH_DECODE_KERNELS
             variable ("0" = off), on by default; False keeps every step on ONNX Runtime. The
             first run on a machine compiles them (~15 s, announced; cached).
+        greedy_run: greedy decode steps per kernel call while one request decodes alone, on
+            the decode kernels (the argmax is taken in the kernel; ~3% faster per token here,
+            docs/benchmarks.md). A stream then gets its text in runs of up to this many
+            tokens, and a request arriving meanwhile waits up to greedy_run - 1 steps. 1 = a
+            call per token.
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
@@ -116,6 +123,7 @@ class LLM:
             max_num_tokens=budget,
             kv_budget_tokens=kv_budget_tokens,
             max_waiting=max_waiting,
+            greedy_run=greedy_run,
         )
         self._lock = threading.Lock()  # one driver of the core at a time
         self._loop_thread: _EngineLoop | None = None

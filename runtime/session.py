@@ -145,6 +145,22 @@ class EngineSession:
             self._bindings[key] = binding
         return self._bindings[key]
 
+    @property
+    def runs_greedy_on_kernels(self) -> bool:
+        """Whether greedy_run is available (the decode kernels are on)."""
+        return self.decoder is not None
+
+    def greedy_run(
+        self, slot: int, token: int, position: int, steps: int, stop_ids: np.ndarray
+    ) -> np.ndarray:
+        """Up to STEPS greedy decode steps of SLOT in one kernel call, from TOKEN at POSITION,
+        ending at a token in STOP_IDS (CompiledDecoder.greedy_run); returns the tokens made."""
+        assert self.decoder is not None, "greedy_run needs the decode kernels [developer error]"
+        check_slot_range(slot, 1, self.max_batch)
+        return self.decoder.greedy_run(
+            self.cache_key_all, self.cache_value_all, slot, token, position, steps, stop_ids
+        )
+
     def runs_on_kernels(self, input_ids: np.ndarray) -> bool:
         """Whether a step of these [n, S] input ids runs on the decode kernels: a decode step
         (S = 1) of at most DECODE_KERNEL_MAX_ROWS rows, with the kernels on."""

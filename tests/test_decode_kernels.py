@@ -130,6 +130,37 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
     np.testing.assert_array_equal(cache, reference_cache)
 
 
+@pytest.mark.parametrize("preset", TINY_PRESETS)
+def test_greedy_run_equals_single_steps(tiny_engine, preset: str) -> None:
+    """A greedy run of K steps in one call makes the tokens and the cache that K single steps,
+    each followed by np.argmax of its logits, make; it ends at a stop id, that token kept
+    (the window case runs past mistral's sliding window of 16)."""
+    session = prefilled_session(tiny_engine(preset), [30])
+    decoder = session.decoder
+    assert decoder is not None
+    caches = session.cache_key_all.copy(), session.cache_value_all.copy()
+    no_stop = np.zeros(0, np.int64)
+
+    token, single = 5, []
+    for position in range(30, 37):
+        logits = decoder.step(session.cache_key_all, session.cache_value_all, 0,
+                              np.array([token]), np.array([position]), np.zeros(1, np.int64))  # fmt: skip
+        token = int(np.argmax(logits[0]))
+        single.append(token)
+    single_cache = session.cache_key_all.copy(), session.cache_value_all.copy()
+
+    session.cache_key_all[...], session.cache_value_all[...] = caches
+    run = decoder.greedy_run(session.cache_key_all, session.cache_value_all, 0, 5, 30, 7, no_stop)
+    assert run.tolist() == single
+    np.testing.assert_allclose(session.cache_key_all, single_cache[0], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(session.cache_value_all, single_cache[1], rtol=0, atol=1e-5)
+
+    session.cache_key_all[...], session.cache_value_all[...] = caches
+    stop = np.array([single[3]], np.int64)
+    run = decoder.greedy_run(session.cache_key_all, session.cache_value_all, 0, 5, 30, 7, stop)
+    assert run.tolist() == single[: single.index(single[3]) + 1]
+
+
 def test_idle_row_leaves_its_cache_alone(tiny_engine) -> None:
     session = prefilled_session(tiny_engine("tiny-llama"), [6, 6])
     before = session.cache_key_all[:, 1].copy()
@@ -156,6 +187,44 @@ def test_greedy_decode_equals_transformers(tiny_engine, hf_models, monkeypatch, 
     for prompt in PROMPTS:
         (out,) = llm.generate(prompt, SamplingParams(max_tokens=24, ignore_eos=True))
         assert out.token_ids == hf_greedy(loaded, prompt, 24), prompt
+
+
+def test_greedy_runs_give_single_steps_outputs(tiny_engine, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """LLM with greedy runs (8 steps a kernel call) and with a call per token give the same
+    tokens, text and finish reason: a max_tokens that is no multiple of 8, a stop string and
+    a stop token met inside a run (tokens after it dropped), a stream; and runs did happen."""
+    monkeypatch.delenv("ENGINESMITH_DECODE_KERNELS", raising=False)
+    engine = tiny_engine("tiny-llama")
+    runs, single = LLM(engine, decode_kernels=True), LLM(engine, decode_kernels=True, greedy_run=1)
+    calls: list[int] = []
+    run_on_kernels = runs.session.greedy_run
+
+    def counted(slot, token, position, steps, stop_ids):  # type: ignore[no-untyped-def]
+        calls.append(steps)
+        return run_on_kernels(slot, token, position, steps, stop_ids)
+
+    monkeypatch.setattr(runs.session, "greedy_run", counted)
+    prompt = PROMPTS[0]
+    (reference,) = single.generate(prompt, SamplingParams(max_tokens=21, ignore_eos=True))
+    (out,) = runs.generate(prompt, SamplingParams(max_tokens=21, ignore_eos=True))
+    assert out.token_ids == reference.token_ids and out.text == reference.text
+    assert out.finish_reason == reference.finish_reason == "length"
+    assert calls and max(calls) == 8 and len(out.stats.decode_call_s) == 20
+
+    stop_text = reference.text[len(reference.text) // 2 :][:3]
+    stop_token = reference.token_ids[11]
+    for params in (
+        SamplingParams(max_tokens=21, ignore_eos=True, stop=[stop_text]),
+        SamplingParams(max_tokens=21, ignore_eos=True, stop_token_ids=[stop_token]),
+    ):
+        (expected,) = single.generate(prompt, params)
+        (got,) = runs.generate(prompt, params)
+        assert expected.finish_reason == "stop"
+        assert (got.token_ids, got.text, got.finish_reason) == (
+            expected.token_ids, expected.text, expected.finish_reason,
+        )  # fmt: skip
+    stream = runs.stream(prompt, SamplingParams(max_tokens=21, ignore_eos=True))
+    assert "".join(stream) == reference.text
 
 
 def test_quantized_engine_is_refused_with_the_node(tiny_engine) -> None:
