@@ -541,16 +541,24 @@ def _step_thread(  # type: ignore[no-untyped-def]
     silu_bits = np.empty(act.shape[1], np.int32)
     cursor = np.zeros(2, np.int64)
     phase = 0
+    # A greedy run's step s is at positions + s, its input the token step s - 1 picked: each
+    # thread derives them, never reading state a thread ahead of it may already have changed
+    # (a thread can finish a whole step alone while the other is descheduled).
+    step_positions = positions.copy()
+    step_ids = ids.copy()
     for step in range(steps):
+        if step > 0:
+            step_positions[0] = positions[0] + step
+            step_ids[0] = tokens[step - 1]
         item_row, item_head, item_start, item_stop, items = _attention_items(
-            positions, n_kv, window, chunk, part_max.shape[0]
+            step_positions, n_kv, window, chunk, part_max.shape[0]
         )
         for layer in range(w_qkv.shape[0]):
             ran = _claims_serial(sync, phase, threads, weights_only)
             if ran:
                 if layer == 0:
                     for m in range(rows):
-                        hidden[m, :] = embed[ids[m]]
+                        hidden[m, :] = embed[step_ids[m]]
                 else:
                     add_into(hidden, proj)  # the previous layer's down projection
                 rms_norm(hidden, norm_in[layer], eps, normed)
@@ -563,7 +571,8 @@ def _step_thread(  # type: ignore[no-untyped-def]
                 if b_qkv.shape[0]:
                     add_into(qkv, b_qkv[layer : layer + 1])
                 rotary_and_cache_write(
-                    qkv, positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv, head_dim,
+                    qkv, step_positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv,
+                    head_dim,
                     cos_cache, sin_cache, rotary, interleaved,
                 )  # fmt: skip
             _end_serial(sync, phase, threads, weights_only, ran)
@@ -586,7 +595,7 @@ def _step_thread(  # type: ignore[no-untyped-def]
                 _merge_partials(
                     item_row, item_head, items, group, head_dim, part_max, part_sum, part_acc, attn
                 )
-                _zero_idle_rows(positions, attn)
+                _zero_idle_rows(step_positions, attn)
             _end_serial(sync, phase, threads, weights_only, ran)
             phase += 1
             _matmul_phase(sync, phase, me, threads, cursor, attn, w_o[layer], proj)
@@ -619,8 +628,7 @@ def _step_thread(  # type: ignore[no-untyped-def]
         ran = _claims_serial(sync, phase, threads, weights_only or tokens.shape[0] == 0)
         if ran:  # the greedy run's token pick
             token = argmax(logits[0])
-            tokens[step], ids[0] = token, token
-            positions[0] += 1
+            tokens[step] = token
             for stop in stop_ids:
                 if token == stop:
                     atomic_add(sync, _counter(phase, 1, threads), 1)  # the run's end, seen by all
@@ -642,7 +650,7 @@ def decode_step(  # type: ignore[no-untyped-def]
     (-1 = idle row), logits_rows [R] -> logits [R, V]. Row m is cache slot slot0 + m of the
     caches [L, max_batch, Nkv, MAX, H], updated in place. With a non-empty TOKENS [K] (M = 1),
     K greedy steps instead, each step's argmax token written to TOKENS and fed to the next
-    (ids and positions advance in place), up to a token in STOP_IDS. SYNC
+    (step s at positions[0] + s), up to a token in STOP_IDS. SYNC
     (sync_counters(L, threads, max(1, K)) int64s) must be zero on entry.
 
     One region instead of one per weight product and attention (~150 a step): libgomp stops

@@ -98,7 +98,8 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
     """The step's one parallel region gives each launched thread a segment of every phase and
     lets a thread take what another has not: with more launched segments than numba threads
     (one thread then runs two launches one after the other), or a single numba thread, the
-    step still finishes, and its logits and cache equal the ordinary launch's exactly."""
+    step still finishes, and its logits and cache equal the ordinary launch's exactly; so do a
+    greedy run's tokens and cache (a thread may then finish whole steps alone)."""
     import numba
 
     session = prefilled_session(tiny_engine("tiny-llama"), [9, 150])
@@ -114,7 +115,15 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
         )  # fmt: skip
         return logits, session.cache_key_all.copy()
 
+    def greedy_run() -> tuple[np.ndarray, np.ndarray]:
+        session.cache_key_all[...], session.cache_value_all[...] = caches
+        tokens = decoder.greedy_run(
+            session.cache_key_all, session.cache_value_all, 1, 8, 150, 6, np.zeros(0, np.int64)
+        )
+        return tokens, session.cache_key_all.copy()
+
     reference_logits, reference_cache = step()
+    reference_tokens, reference_run_cache = greedy_run()
     ordinary, default_threads = decoder.threads, numba.get_num_threads()
     # A broken hand-over would spin forever: end the run with a traceback instead of a hang.
     faulthandler.dump_traceback_later(300, exit=True)
@@ -122,12 +131,15 @@ def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numb
     numba.set_num_threads(min(numba_threads, default_threads))
     try:
         logits, cache = step()
+        tokens, run_cache = greedy_run()
     finally:
         faulthandler.cancel_dump_traceback_later()
         numba.set_num_threads(default_threads)
         decoder.threads = ordinary
     np.testing.assert_array_equal(logits, reference_logits)
     np.testing.assert_array_equal(cache, reference_cache)
+    np.testing.assert_array_equal(tokens, reference_tokens)
+    np.testing.assert_array_equal(run_cache, reference_run_cache)
 
 
 @pytest.mark.parametrize("preset", TINY_PRESETS)
@@ -369,3 +381,25 @@ def test_attention_matches_the_published_math(
     )  # fmt: skip
     want = want[:, 0]
     assert np.abs(out - want).max() <= ATTENTION_RTOL * np.abs(want).max()
+
+
+def test_vector_argmax_is_numpys() -> None:
+    """intrinsics.argmax (the greedy run's token pick) gives np.argmax's index: lengths off the
+    16-lane blocks, ties (the first wins), NaNs (the first NaN wins), all -inf, empty."""
+    from numba import njit
+
+    from enginesmith.runtime.intrinsics import argmax
+
+    pick = njit(lambda values: argmax(values))
+    rng = np.random.default_rng(0)
+    for size in (1, 15, 16, 17, 100, 49157):
+        for case in ("plain", "ties", "nan", "-inf"):
+            values = rng.standard_normal(size).astype(np.float32)
+            if case == "ties":
+                values = np.round(values)
+            elif case == "nan":
+                values[rng.integers(size, size=2)] = np.nan
+            elif case == "-inf":
+                values[:] = -np.inf
+            assert pick(values) == np.argmax(values), (size, case)
+    assert pick(np.zeros(0, np.float32)) == 0
