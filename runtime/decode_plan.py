@@ -244,9 +244,8 @@ def _read_plan(graph: _Graph) -> DecodePlan:
         raise DecodePlanUnsupported(f"norms use different epsilons {sorted(eps_seen)}")
     if layers["bias"] and len(layers["bias"]) != len(gqa_nodes):
         raise DecodePlanUnsupported("only some layers have q/k/v biases")
-    # Copies into numpy's own allocations: numpy backs large ones with transparent huge pages
-    # (fewer TLB misses), the buffers external data is read into are not, and the LM head
-    # streams a fifth of a step's bytes. A tied head stays one array.
+    # Copies on huge pages (runtime/huge_pages.py: fewer TLB misses; the LM head streams a
+    # fifth of a step's bytes). A tied head stays one array.
     embed = huge_page_copy(graph.array(embed_gather.input[0]))
     tied = head.input[1] == embed_gather.input[0]
     lm_head = embed if tied else huge_page_copy(graph.array(head.input[1]))

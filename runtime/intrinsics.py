@@ -1,5 +1,5 @@
-"""LLVM intrinsics that numba-compiled kernels call: a software prefetch and atomic int64
-counters (runtime/decode_kernels.py).
+"""LLVM intrinsics that numba-compiled kernels call: a software prefetch, atomic int64
+counters and a vector argmax (runtime/decode_kernels.py).
 
 * prefetch: the hardware prefetchers follow a stream only within a 4 KiB page and after a few
   misses; the decode attention walks many short key/value runs (one per KV head and context
@@ -7,6 +7,8 @@ counters (runtime/decode_kernels.py).
 * atomic_add / atomic_load: the decode step is one parallel region whose threads claim chunks
   of each phase from shared counters and wait for the phase's done counter, instead of an
   OpenMP fork and join per weight product.
+* argmax: a greedy decode run picks each step's token in the kernel, over the whole
+  vocabulary, while the other thread waits.
 """
 
 from __future__ import annotations
@@ -120,10 +122,11 @@ def argmax(typingctx: Any, values: Any) -> Any:
     """argmax(values): np.argmax of a 1-D C-contiguous float32 array (the first largest
     value's index, the first NaN's if there is one; 0 if empty), 16 lanes at a time.
 
-    The greedy decode run takes it over the vocabulary after every step (runtime/decode_kernels
-    .py): a scalar loop carrying the best value and its index took ~210 us for 49,152 logits
-    here, this ~3 us (two passes: the largest value and whether there is a NaN, then the
-    first lane holding it)."""
+    A greedy decode run takes it over the vocabulary after every step (runtime/decode_kernels
+    .py). Two passes over 16-lane blocks: the largest value and whether there is a NaN, then
+    the first lane holding it. With a scalar loop carrying the best value and its index
+    instead, greedy runs were no faster than a kernel call per token
+    (scripts/compare_greedy_runs.py, docs/benchmarks.md)."""
     if not (
         isinstance(values, types.Array)
         and values.ndim == 1
