@@ -263,7 +263,7 @@ class EngineCore:
             stops |= self.eos_token_ids
         start = time.perf_counter()
         tokens = self.session.greedy_run(
-            sched.slot, sched.token_at(chunk.start), chunk.start, steps,
+            _slot(chunk), sched.token_at(chunk.start), chunk.start, steps,
             np.array(sorted(stops), np.int64),
         )  # fmt: skip
         per_token = (time.perf_counter() - start) / len(tokens)
