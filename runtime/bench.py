@@ -42,10 +42,9 @@ from typing import Any
 import numpy as np
 
 from enginesmith.runtime.core_handoff import (
-    PLACEMENTS,
     SHARED_L3_MAX_NS,
+    by_placement,
     core_handoff_ns,
-    placement,
 )
 from enginesmith.runtime.huge_pages import huge_page_empty
 
@@ -159,8 +158,7 @@ def steady_fractions_by_placement(
     after it). A repetition whose two handoffs disagree (the host moved a core) counts in
     neither."""
     out: dict[str, dict[str, Any]] = {}
-    for label in PLACEMENTS.values():
-        runs = [i for i, pair in enumerate(handoffs) if placement(pair) == label]
+    for label, runs in by_placement(handoffs).items():
         held = steady_fractions(
             [decode_tokens_per_s[i] for i in runs], [brackets[i] for i in runs], bytes_per_token
         )
@@ -1164,6 +1162,12 @@ def _weights_only_line(result: dict[str, Any]) -> str:
 
 def _percent_summary(summary: dict[str, Any]) -> dict[str, Any]:
     return {k: summary[k] * 100 for k in ("median", "min", "max")}
+
+
+def run_record(args: argparse.Namespace, **fields: Any) -> dict[str, Any]:
+    """The JSON record of a measuring script's run: its command line, its arguments (as
+    strings), then FIELDS."""
+    return {"command": command_line(), "args": {k: str(v) for k, v in vars(args).items()}, **fields}
 
 
 def save_results(result: dict[str, Any], json_path: Path | None, prefix: str) -> Path:

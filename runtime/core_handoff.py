@@ -71,3 +71,12 @@ def placement(handoffs_ns: Sequence[float | None]) -> str | None:
     verdicts = {shares_l3(h) for h in handoffs_ns}
     shared = verdicts.pop() if len(verdicts) == 1 else None
     return None if shared is None else PLACEMENTS[shared]
+
+
+def by_placement(handoffs: Sequence[Sequence[float | None]]) -> dict[str, list[int]]:
+    """For each PLACEMENTS label, the indices of the measurements whose handoffs (one sequence
+    per measurement, taken around it) agree on it; one the host moved during is in none."""
+    labels = [placement(h) for h in handoffs]
+    return {
+        label: [i for i, at in enumerate(labels) if at == label] for label in PLACEMENTS.values()
+    }

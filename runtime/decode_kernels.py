@@ -532,6 +532,7 @@ def _step_thread(  # type: ignore[no-untyped-def]
     position; a token in STOP_IDS ends the run (the rest of TOKENS keeps its -1)."""
     rows = ids.shape[0]
     steps = max(1, tokens.shape[0])
+    picks = tokens.shape[0] > 0 and not weights_only
     per_step = phases_per_step(w_qkv.shape[0])
     me = atomic_add(sync, _counter(per_step * steps, 0, threads), 1) % threads  # its segments
     group = n_heads // n_kv
@@ -572,8 +573,7 @@ def _step_thread(  # type: ignore[no-untyped-def]
                     add_into(qkv, b_qkv[layer : layer + 1])
                 rotary_and_cache_write(
                     qkv, step_positions, slot0, cache_k[layer], cache_v[layer], n_heads, n_kv,
-                    head_dim,
-                    cos_cache, sin_cache, rotary, interleaved,
+                    head_dim, cos_cache, sin_cache, rotary, interleaved,
                 )  # fmt: skip
             _end_serial(sync, phase, threads, weights_only, ran)
             phase += 1
@@ -625,16 +625,13 @@ def _step_thread(  # type: ignore[no-untyped-def]
         phase += 1
         _matmul_phase(sync, phase, me, threads, cursor, final, lm_head, logits)
         phase += 1
-        ran = _claims_serial(sync, phase, threads, weights_only or tokens.shape[0] == 0)
-        if ran:  # the greedy run's token pick
-            token = argmax(logits[0])
-            tokens[step] = token
-            for stop in stop_ids:
-                if token == stop:
-                    atomic_add(sync, _counter(phase, 1, threads), 1)  # the run's end, seen by all
-        _end_serial(sync, phase, threads, weights_only or tokens.shape[0] == 0, ran)
-        if atomic_load(sync, _counter(phase, 1, threads)) > 0:
-            break
+        if picks:  # the greedy run's token pick; every thread then reads the token it made
+            ran = _claims_serial(sync, phase, threads, False)
+            if ran:
+                tokens[step] = argmax(logits[0])
+            _end_serial(sync, phase, threads, False, ran)
+            if (stop_ids == tokens[step]).any():
+                break
         phase += 1
 
 

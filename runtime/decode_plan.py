@@ -327,12 +327,8 @@ class CompiledDecoder:
         logits_rows: np.ndarray,  # [m] rows that need logits
     ) -> np.ndarray:
         """Logits [m, V] of one decode step over slots [start, start + n)."""
-        plan, a = self.plan, self.plan.attention
-        rows = input_ids.shape[0]
-        span = int(positions.max()) + 1 if rows else 0
-        if a.local_window_size >= 0:
-            span = min(span, a.local_window_size)  # chunks start at the window's first key
-        per_row = self._kernels.chunks_per_row(span, self.chunk)
+        plan = self.plan
+        per_row = self._chunks_per_row(int(positions.max()) if input_ids.shape[0] else -1)
         logits = np.empty((logits_rows.shape[0], plan.lm_head.shape[0]), np.float32)
         self._launch(False, input_ids, positions, logits_rows, start, per_row, logits,
                      cache_key, cache_value)  # fmt: skip
@@ -353,13 +349,11 @@ class CompiledDecoder:
         (kept). Returns the tokens made ([n], n <= STEPS); the cache holds the keys and values
         of every input token. The call's fixed costs (Python, waking the threads, the host
         between steps) are paid once for the run instead of once a token."""
-        a = self.plan.attention
         last = position + steps - 1
         if steps < 1 or last >= cache_key.shape[3]:
             raise ValueError(f"{steps} steps from position {position} do not fit the cache "
                              "[developer error]")  # fmt: skip
-        span = last + 1 if a.local_window_size < 0 else min(last + 1, a.local_window_size)
-        per_row = self._kernels.chunks_per_row(span, self.chunk)
+        per_row = self._chunks_per_row(last)
         tokens = np.full(steps, -1, np.int64)
         logits = np.empty((1, self.plan.lm_head.shape[0]), np.float32)
         self._launch(False, np.array([token]), np.array([position]), np.zeros(1, np.int64), slot,
@@ -367,6 +361,13 @@ class CompiledDecoder:
                      stop_ids.astype(np.int64, copy=False))  # fmt: skip
         made = int(np.count_nonzero(tokens >= 0))
         return tokens[:made]
+
+    def _chunks_per_row(self, last_position: int) -> int:
+        """Attention chunks a row holds at most when its newest key is at LAST_POSITION
+        (-1: no row has keys): they start at the window's first key."""
+        window = self.plan.attention.local_window_size
+        span = last_position + 1 if window < 0 else min(last_position + 1, window)
+        return self._kernels.chunks_per_row(span, self.chunk)
 
     def _launch(
         self,

@@ -10,9 +10,9 @@ chunk's length, which would multiply the work of the whole call.
 
 A step that is one greedy decode and nothing else (one running request, none waiting) runs
 up to `greedy_run` decode steps in ONE kernel call (EngineSession.greedy_run): the argmax
-is taken in the kernel and fed back, and the call's fixed costs, ~0.25 ms of a ~8 ms token
-here (Python, waking the kernel's threads, the host between calls), are paid once per run
-(docs/benchmarks.md). The tokens then go through the same bookkeeping as single steps', one
+is taken in the kernel and fed back, and the call's fixed costs (Python, waking the kernel's
+threads, the host between calls; ~0.3 ms of a ~8.6 ms token at two CCXs here,
+scripts/compare_greedy_runs.py in docs/benchmarks.md) are paid once per run. The tokens then go through the same bookkeeping as single steps', one
 by one; those after the request finishes (a stop string) are dropped. A request arriving
 meanwhile waits for the run's end: at most greedy_run - 1 steps.
 """
@@ -258,16 +258,13 @@ class EngineCore:
         token accepted as a single step's would be."""
         sched = chunk.request
         request = self.live[sched.request_id]
-        stops = set(request.params.stop_token_ids)
-        if not request.params.ignore_eos:
-            stops |= self.eos_token_ids
+        stops = np.array(sorted(self._stop_token_ids(request.params)), np.int64)
         start = time.perf_counter()
         tokens = self.session.greedy_run(
-            _slot(chunk), sched.token_at(chunk.start), chunk.start, steps,
-            np.array(sorted(stops), np.int64),
-        )  # fmt: skip
-        per_token = (time.perf_counter() - start) / len(tokens)
+            _slot(chunk), sched.token_at(chunk.start), chunk.start, steps, stops
+        )
         now = time.perf_counter()
+        per_token = (now - start) / len(tokens)
         deltas = []
         for i, token in enumerate(tokens.tolist()):
             one = ScheduledChunk(sched, chunk.start + i, 1, samples=True)
@@ -336,6 +333,11 @@ class EngineCore:
         out = self.session.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, rows_out)
         return {c.request.request_id: out[i] for i, c in enumerate(chunks) if c.samples}
 
+    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The tokens that end a request: its stop_token_ids, and EOS unless ignore_eos."""
+        stops = frozenset(params.stop_token_ids)
+        return stops if params.ignore_eos else stops | self.eos_token_ids
+
     def _accept(self, r: LiveRequest, token: int, now: float) -> str:
         """Record R's new TOKEN (already appended by the scheduler); decide if R is finished."""
         sched, p = r.sched, r.params
@@ -350,7 +352,7 @@ class EngineCore:
         r.stats.decode_s = now - r.first_token_at
         r.stats.total_s = now - r.arrival
         r.stats.num_preemptions = sched.num_preemptions
-        if (token in self.eos_token_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if token in self._stop_token_ids(p):
             r.finish_reason = "stop"
             delta = r.stopper.flush()
         else:

@@ -143,21 +143,22 @@ def argmax(typingctx: Any, values: Any) -> Any:
         lane_index = ir.Constant(ir.VectorType(i64, _LANES), [i64(i) for i in range(_LANES)])
         pointer_type = _F32_VECTOR.as_pointer()
 
-        def load(block: Any, passthru: Any) -> Any:
-            """Block BLOCK's 16 values, lanes past the end set to PASSTHRU."""
+        minus_inf = _splat(f32(float("-inf")))
+
+        def load(block: Any) -> Any:
+            """Block BLOCK's 16 values, lanes past the end -inf (never a NaN or a new max)."""
             first = builder.mul(block, i64(_LANES))
             mask = builder.icmp_signed("<", lane_index, _broadcast(builder, builder.sub(n, first)))
             address = builder.bitcast(builder.gep(view.data, [first]), pointer_type)
             return _vector_call(builder, "llvm.masked.load.v16f32.p0", _F32_VECTOR,
-                                [address, i32(4), mask, passthru])  # fmt: skip
+                                [address, i32(4), mask, minus_inf])  # fmt: skip
 
-        minus_inf = _splat(f32(float("-inf")))
         largest = cgutils.alloca_once_value(builder, minus_inf)
         nan_seen = cgutils.alloca_once_value(
             builder, ir.Constant(_MASK, [ir.IntType(1)(0)] * _LANES)
         )
         with cgutils.for_range(builder, blocks) as loop:
-            v = load(loop.index, minus_inf)
+            v = load(loop.index)
             best = builder.load(largest)
             builder.store(builder.select(builder.fcmp_ordered(">", v, best), v, best), largest)
             builder.store(
@@ -168,7 +169,7 @@ def argmax(typingctx: Any, values: Any) -> Any:
                                [builder.load(nan_seen)])  # fmt: skip
         found = cgutils.alloca_once_value(builder, n)
         with cgutils.for_range(builder, blocks) as loop:
-            v = load(loop.index, minus_inf)
+            v = load(loop.index)
             hit = builder.select(any_nan, builder.fcmp_unordered("uno", v, v),
                                  builder.fcmp_ordered("==", v, _broadcast(builder, top)))  # fmt: skip
             bits = builder.bitcast(hit, ir.IntType(_LANES))

@@ -23,8 +23,13 @@ from pathlib import Path
 from typing import Any
 
 from enginesmith import LLM, SamplingParams
-from enginesmith.runtime.bench import default_engine_dir, real_text_prompt, save_results
-from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
+from enginesmith.runtime.bench import (
+    default_engine_dir,
+    real_text_prompt,
+    run_record,
+    save_results,
+)
+from enginesmith.runtime.core_handoff import by_placement, core_handoff_ns
 
 RUNS, SINGLE = "greedy runs", "a call per token"
 
@@ -95,7 +100,7 @@ def main() -> None:
             for name, steps in (order if i % 2 == 0 else order[::-1])
         )
         after = core_handoff_ns()
-        rep.update(handoff_ns=[before, after], placement=placement([before, after]))
+        rep["handoff_ns"] = [before, after]
         same = rep[RUNS]["token_ids"] == rep[SINGLE]["token_ids"]
         rep["same_tokens"] = same
         reps.append(rep)
@@ -111,21 +116,20 @@ def main() -> None:
         f"\nall repetitions ({len(reps)}): medians; ratios to a call per token in the same repetition"
     )
     print("\n".join(summary_lines(reps)))
-    for where in PLACEMENTS.values():
-        held = [r for r in reps if r["placement"] == where]
+    for where, indices in by_placement([r["handoff_ns"] for r in reps]).items():
+        held = [reps[i] for i in indices]
         if held:
             print(f"\n{where}: {len(held)} repetitions")
             print("\n".join(summary_lines(held)))
     for r in reps:
         for name in (RUNS, SINGLE):
             del r[name]["token_ids"]
-    result = {
-        "benchmark": "greedy-runs",
-        "engine_dir": str(engine),
-        "settings": vars(args) | {"engine": str(engine)},
-        "all_tokens_equal": all(r["same_tokens"] for r in reps),
-        "repetitions": reps,
-    }
+    result = run_record(
+        args,
+        engine_dir=str(engine),
+        all_tokens_equal=all(r["same_tokens"] for r in reps),
+        repetitions=reps,
+    )
     print(f"JSON: {save_results(result, None, 'greedy-runs')}")
 
 

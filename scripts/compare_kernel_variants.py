@@ -46,8 +46,8 @@ from compare_decode_kernels import (  # neighbours in scripts/
 )
 
 from enginesmith.runtime import decode_kernels
-from enginesmith.runtime.bench import read_bandwidth, save_results
-from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
+from enginesmith.runtime.bench import read_bandwidth, run_record, save_results
+from enginesmith.runtime.core_handoff import by_placement, core_handoff_ns
 
 COMMITTED = "committed"
 LEVEL_TOLERANCE = 0.10  # bandwidth samples of a repetition this close: the level held
@@ -132,19 +132,18 @@ def main() -> None:
         "all placements": _summarize("all placements", samples, differences, bandwidth, held)
     }
     # The two levels are two core placements (runtime/core_handoff.py): each on its own.
-    for label in PLACEMENTS.values():
-        placed = [i for i in held if placement(handoffs[i]) == label]
+    for label, indices in by_placement([handoffs[i] for i in held]).items():
+        placed = [held[j] for j in indices]
         if placed:
             summary[label] = _summarize(label, samples, differences, bandwidth, placed)
-    record = {
-        "command": " ".join(sys.argv),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "samples_ms": samples,
-        "bandwidth_bytes_per_s": bandwidth,
-        "core_handoff_ns": handoffs,
-        "held_repetitions": held,
-        "summary": summary,
-    }
+    record = run_record(
+        args,
+        samples_ms=samples,
+        bandwidth_bytes_per_s=bandwidth,
+        core_handoff_ns=handoffs,
+        held_repetitions=held,
+        summary=summary,
+    )
     out = save_results(record, None, "kernel-variants")
     print(f"JSON: {out}")
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -31,8 +30,8 @@ from compare_decode_kernels import (  # neighbours in scripts/
     step_ms,
 )
 
-from enginesmith.runtime.bench import read_bandwidth, save_results
-from enginesmith.runtime.core_handoff import PLACEMENTS, core_handoff_ns, placement
+from enginesmith.runtime.bench import read_bandwidth, run_record, save_results
+from enginesmith.runtime.core_handoff import by_placement, core_handoff_ns, placement
 from enginesmith.runtime.huge_pages import huge_page_bytes, small_page_empty
 
 STREAMED = ("lm_head", "w_qkv", "w_o", "w_gate_up", "w_down")
@@ -126,8 +125,8 @@ def main() -> None:
         )
 
     summary: dict[str, dict[str, dict[str, float]]] = {}
-    for label in PLACEMENTS.values():
-        held = [r for r in rows if placement(r["core_handoff_ns"]) == label]
+    for label, indices in by_placement([r["core_handoff_ns"] for r in rows]).items():
+        held = [rows[i] for i in indices]
         if not held:
             continue
         print(
@@ -139,14 +138,13 @@ def main() -> None:
             ratio = float(np.median([r["step_ms"][case] / r["step_ms"][SMALL] for r in held]))
             summary[label][case] = {"step_ms": ms, "vs_4k_pages": ratio, "repetitions": len(held)}
             print(f"  {case:<14} {ms:7.2f} ms  {ratio:6.3f}x")
-    record = {
-        "command": " ".join(sys.argv),
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "huge_page_bytes": pages,
-        "max_abs_logit_difference": differences,
-        "repetitions": rows,
-        "summary": summary,
-    }
+    record = run_record(
+        args,
+        huge_page_bytes=pages,
+        max_abs_logit_difference=differences,
+        repetitions=rows,
+        summary=summary,
+    )
     print(f"JSON: {save_results(record, None, 'page-sizes')}")
 
 

@@ -13,15 +13,13 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import time
 
-from enginesmith.runtime.bench import read_bandwidth, save_results
+from enginesmith.runtime.bench import read_bandwidth, run_record, save_results
 from enginesmith.runtime.core_handoff import (
-    PLACEMENTS,
     SHARED_L3_MAX_NS,
+    by_placement,
     core_handoff_ns,
-    placement,
 )
 
 
@@ -47,22 +45,18 @@ def main() -> None:
         )
         time.sleep(max(0.0, args.every - (time.monotonic() - started)))
     summary = {}
-    for label in PLACEMENTS.values():
-        held = [r["read_bytes_per_s"] for r in rows if placement(r["handoff_ns"]) == label]
+    placed = by_placement([r["handoff_ns"] for r in rows])
+    for label, indices in placed.items():
+        held = [rows[i]["read_bytes_per_s"] for i in indices]
         summary[label] = {
             "samples": len(held),
             "median_read_bytes_per_s": statistics.median(held) if held else None,
         }
         median = f"{statistics.median(held) / 1e9:.1f} GB/s" if held else "-"
         print(f"{label:<20} {len(held):3d} samples, median read {median}")
-    moved = len(rows) - sum(s["samples"] for s in summary.values())
+    moved = len(rows) - sum(len(indices) for indices in placed.values())
     print(f"{'moved during sample':<20} {moved:3d} samples")
-    record = {
-        "command": " ".join(sys.argv),
-        "shared_l3_max_ns": SHARED_L3_MAX_NS,
-        "samples": rows,
-        "summary": summary,
-    }
+    record = run_record(args, shared_l3_max_ns=SHARED_L3_MAX_NS, samples=rows, summary=summary)
     print(f"JSON: {save_results(record, None, 'core-handoff')}")
 
 

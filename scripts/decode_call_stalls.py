@@ -9,7 +9,8 @@ page faults, to memory the kernel had to back.
     .venv/bin/python scripts/decode_call_stalls.py [ENGINE_DIR] [--decodes 4] [--tokens 256]
         [--prompt-tokens 512]
 
-Runs LLM.generate as the bench does (the same real-text prompt, greedy, ignore_eos), prints
+Runs LLM.generate as the bench does (the same real-text prompt, greedy, ignore_eos), but with
+one decode step per kernel call (greedy_run=1, as the runtime ran before greedy runs), prints
 each decode's median call, its mean, and every call over twice the median with the per-thread
 figures, and writes JSON into the cache's bench/ folder. Linux only (/proc/self/task).
 """
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler.presets import cache_dir
-from enginesmith.runtime.bench import ours_decode, real_text_prompt, save_results
+from enginesmith.runtime.bench import ours_decode, real_text_prompt, run_record, save_results
 from enginesmith.runtime.llm import LLM
 
 SLOW = 2.0  # a call over this many times the median is listed
@@ -76,7 +76,7 @@ def main() -> None:
     if not (args.engine / "manifest.json").is_file():
         p.error(f"{args.engine} is not an engine directory: build one, or run scripts/bench once")
 
-    llm = LLM(args.engine, decode_kernels=True)
+    llm = LLM(args.engine, decode_kernels=True, greedy_run=1)  # a call per token, timed
     decoder = llm.session.decoder
     if decoder is None:
         raise SystemExit(f"no decode kernels for this engine: {llm.session.decoder_unavailable}")
@@ -140,8 +140,7 @@ def main() -> None:
             )
         runs.append({"median_ms": median, "mean_ms": float(ms.mean()), "calls": list(calls)})
 
-    record = {"command": " ".join(sys.argv), "args": {k: str(v) for k, v in vars(args).items()},
-              "thread_names": clock.names, "decodes": runs}  # fmt: skip
+    record = run_record(args, thread_names=clock.names, decodes=runs)
     out = save_results(record, None, "decode-call-stalls")
     print(f"JSON: {out}")
 

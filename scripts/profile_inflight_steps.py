@@ -1,7 +1,8 @@
 """Where in-flight serving spends its engine time, by step kind and path: the workload of
 `enginesmith bench --serving` (runtime/bench_serving.py) through `await llm.submit`, with every
 session step timed and counted as a prompt step or a decode step, on ONNX Runtime or on the
-compiled decode kernels.
+compiled decode kernels; a greedy run (several decode steps of a request decoding alone in one
+kernel call, runtime/engine_core.py) counts as its tokens' steps, kind "greedy".
 
     .venv/bin/python scripts/profile_inflight_steps.py [--decode-kernels] [--engine DIR]
         [--requests 64] [--rate 32] [--seed 0]
@@ -68,7 +69,17 @@ def main() -> None:
         totals[key][1] += elapsed
         return out
 
+    greedy_run = session.greedy_run
+
+    def timed_greedy_run(*args: Any) -> np.ndarray:
+        t = time.perf_counter()
+        tokens = greedy_run(*args)
+        totals[("kernels", "greedy", "1")][0] += len(tokens)
+        totals[("kernels", "greedy", "1")][1] += time.perf_counter() - t
+        return tokens
+
     session.step = timed_step
+    session.greedy_run = timed_greedy_run
     start = time.perf_counter()
     outs, _, _ = bench_serving.run_inflight(llm, w, params)
     wall = time.perf_counter() - start

@@ -93,13 +93,14 @@ def test_long_contexts_merge_chunks_exactly(tiny_engine, preset: str) -> None:
     assert cache_diff < 1e-5, (preset, cache_diff)
 
 
-@pytest.mark.parametrize("launched, numba_threads", [(3, 2), (2, 1)])
+@pytest.mark.parametrize("launched, numba_threads", [(3, 2), (2, 1), (1, 1)])
 def test_step_is_exact_whatever_threads_actually_run(tiny_engine, launched, numba_threads) -> None:  # type: ignore[no-untyped-def]
     """The step's one parallel region gives each launched thread a segment of every phase and
     lets a thread take what another has not: with more launched segments than numba threads
-    (one thread then runs two launches one after the other), or a single numba thread, the
-    step still finishes, and its logits and cache equal the ordinary launch's exactly; so do a
-    greedy run's tokens and cache (a thread may then finish whole steps alone)."""
+    (one thread then runs two launches one after the other), a single numba thread, or a
+    single launch, the step still finishes, and its logits and cache equal the ordinary
+    launch's exactly; so do a greedy run's tokens and cache (a thread may then finish whole
+    steps alone)."""
     import numba
 
     session = prefilled_session(tiny_engine("tiny-llama"), [9, 150])
