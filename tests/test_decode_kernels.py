@@ -404,3 +404,28 @@ def test_vector_argmax_is_numpys() -> None:
                 values[:] = -np.inf
             assert pick(values) == np.argmax(values), (size, case)
     assert pick(np.zeros(0, np.float32)) == 0
+
+
+def test_phase_profiler_still_fits_the_kernels(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """scripts/profile_decode_phases.py times a copy of decode_kernels.py with time stamps
+    edited in: every edit still finds its text the expected number of times, its phase names
+    match PHASES_PER_LAYER, and the timed source is valid Python that stamps every phase's
+    wait (a kernel change that breaks this fails here, not in someone's profiling run)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    spec = importlib.util.spec_from_file_location(
+        "profile_decode_phases", scripts / "profile_decode_phases.py"
+    )
+    assert spec is not None and spec.loader is not None
+    profiler = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, profiler)
+    spec.loader.exec_module(profiler)
+
+    source = profiler.timed_source()
+    compile(source, "decode_kernels_timed.py", "exec")
+    assert source.count("_stamp(sync, me, phase, t0, tsc())") == 2  # _end_serial, _finish_phase
+    assert source.count("_end_serial(sync, phase, threads, weights_only, ran, me)") == 7
