@@ -61,6 +61,21 @@ def _dot_1x8(x, m, w, j, out):  # type: ignore[no-untyped-def]
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
+def _dot_1x4(x, m, w, j, out):  # type: ignore[no-untyped-def]
+    """out[m, j:j+4] = x[m] . w[j:j+4]: four accumulator chains, four weight streams in flight
+    (a step of 1-3 rows streams its weights 3-5% faster in runs of four rows than of eight,
+    and sixteen were slower still: scripts/compare_kernel_variants.py, docs/benchmarks.md)."""
+    a0 = a1 = a2 = a3 = np.float32(0.0)
+    for k in range(x.shape[1]):
+        xv = x[m, k]
+        a0 += xv * w[j, k]
+        a1 += xv * w[j + 1, k]
+        a2 += xv * w[j + 2, k]
+        a3 += xv * w[j + 3, k]
+    out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a0, a1, a2, a3
+
+
+@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _dot_4x4(x, m, w, j, out):  # type: ignore[no-untyped-def]
     """out[m:m+4, j:j+4]: a 4x4 register tile, so each loaded weight serves four rows."""
     c00 = c01 = c02 = c03 = c10 = c11 = c12 = c13 = np.float32(0.0)
@@ -470,9 +485,15 @@ def _finish_phase(sync, phase, threads, done, total):  # type: ignore[no-untyped
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
     """out[:, j0:j1] = x @ w[j0:j1]^T: 8-row weight blocks read once for all rows of x (4x4
-    tiles for each four rows, 1x8 for the rest)."""
+    tiles for each four rows, 1x8 for the rest); with fewer than four rows, 4-row blocks
+    (_dot_1x4)."""
     rows = x.shape[0]
     j = j0
+    if rows < 4:  # no 4x4 tile: four weight rows at a time (_dot_1x4)
+        while j + 4 <= j1:
+            for m in range(rows):
+                _dot_1x4(x, m, w, j, out)
+            j += 4
     while j + 8 <= j1:
         m = 0
         while m + 4 <= rows:
