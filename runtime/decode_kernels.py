@@ -42,29 +42,11 @@ FAST = {"reassoc", "contract", "arcp", "nsz", "afn"}
 
 
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
-def _dot_1x8(x, m, w, j, out):  # type: ignore[no-untyped-def]
-    """out[m, j:j+8] = x[m] . w[j:j+8]: eight independent accumulator chains, eight weight
-    streams in flight (fewer leave a thread waiting on FMA latency or on memory)."""
-    a0 = a1 = a2 = a3 = a4 = a5 = a6 = a7 = np.float32(0.0)
-    for k in range(x.shape[1]):
-        xv = x[m, k]
-        a0 += xv * w[j, k]
-        a1 += xv * w[j + 1, k]
-        a2 += xv * w[j + 2, k]
-        a3 += xv * w[j + 3, k]
-        a4 += xv * w[j + 4, k]
-        a5 += xv * w[j + 5, k]
-        a6 += xv * w[j + 6, k]
-        a7 += xv * w[j + 7, k]
-    out[m, j], out[m, j + 1], out[m, j + 2], out[m, j + 3] = a0, a1, a2, a3
-    out[m, j + 4], out[m, j + 5], out[m, j + 6], out[m, j + 7] = a4, a5, a6, a7
-
-
-@njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _dot_1x4(x, m, w, j, out):  # type: ignore[no-untyped-def]
-    """out[m, j:j+4] = x[m] . w[j:j+4]: four accumulator chains, four weight streams in flight
-    (a step of 1-3 rows streams its weights 3-5% faster in runs of four rows than of eight,
-    and sixteen were slower still: scripts/compare_kernel_variants.py, docs/benchmarks.md)."""
+    """out[m, j:j+4] = x[m] . w[j:j+4]: four independent accumulator chains, four weight
+    streams in flight (a step of 1-3 rows streams its weights 3-5% faster in runs of four rows
+    than of eight, and sixteen were slower still: scripts/compare_kernel_variants.py,
+    docs/benchmarks.md)."""
     a0 = a1 = a2 = a3 = np.float32(0.0)
     for k in range(x.shape[1]):
         xv = x[m, k]
@@ -485,8 +467,10 @@ def _finish_phase(sync, phase, threads, done, total):  # type: ignore[no-untyped
 @njit(fastmath=FAST, cache=True, error_model="numpy", inline="always")
 def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
     """out[:, j0:j1] = x @ w[j0:j1]^T: 8-row weight blocks read once for all rows of x (4x4
-    tiles for each four rows, 1x8 for the rest); with fewer than four rows, 4-row blocks
-    (_dot_1x4)."""
+    tiles for each four rows, two 1x4 passes for each of the rest, the block then in L1); with
+    fewer than four rows, 4-row blocks (_dot_1x4) in a loop of their own (the same calls
+    inside the 8-row loop made the 1-row step 8% slower: the compiler laid the step out
+    differently, docs/benchmarks.md)."""
     rows = x.shape[0]
     j = j0
     if rows < 4:  # no 4x4 tile: four weight rows at a time (_dot_1x4)
@@ -501,7 +485,8 @@ def _matmul_rows(x, w, out, j0, j1):  # type: ignore[no-untyped-def]
             _dot_4x4(x, m, w, j + 4, out)
             m += 4
         while m < rows:
-            _dot_1x8(x, m, w, j, out)
+            _dot_1x4(x, m, w, j, out)
+            _dot_1x4(x, m, w, j + 4, out)
             m += 1
         j += 8
     while j < j1:

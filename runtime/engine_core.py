@@ -12,9 +12,10 @@ A step that is one greedy decode and nothing else (one running request, none wai
 up to `greedy_run` decode steps in ONE kernel call (EngineSession.greedy_run): the argmax
 is taken in the kernel and fed back, and the call's fixed costs (Python, waking the kernel's
 threads, the host between calls; ~0.3 ms of a ~8.6 ms token at two CCXs here,
-scripts/compare_greedy_runs.py in docs/benchmarks.md) are paid once per run. The tokens then go through the same bookkeeping as single steps', one
-by one; those after the request finishes (a stop string) are dropped. A request arriving
-meanwhile waits for the run's end: at most greedy_run - 1 steps.
+scripts/compare_greedy_runs.py in docs/benchmarks.md) are paid once per run. The tokens
+then go through the same bookkeeping as single steps', one by one; those after the request
+finishes (a stop string) are dropped. A request arriving meanwhile waits for the run's end:
+at most greedy_run - 1 steps.
 """
 
 from __future__ import annotations

@@ -235,7 +235,7 @@ def main() -> None:
         cells = "".join(f"{r[f'thread {t} waits us']:>13.1f}" for t in range(threads))
         print(f"{name:<14}{r['us']:>9.1f}{r['us'] / total:>8.1%}{cells}")
     record = run_record(
-        args, placement=where, handoff_ns=[before, after], step_ms=walls,
+        args, placement=where, handoff_ns=[before, after], step_ms=list(wall_us / 1e3),
         kernel_us=inside, phases=rows,
     )  # fmt: skip
     print(f"JSON: {save_results(record, args.json, 'decode-phases')}")
