@@ -17,7 +17,7 @@ from enginesmith.compiler import artifact, export, fusion_report, pipeline, qual
 from enginesmith.compiler.backends import onnxruntime as ort_backend
 from enginesmith.compiler.backends import tensorrt as gpu_backend
 from enginesmith.compiler.config import BuildConfig
-from enginesmith.compiler.errors import BuildError
+from enginesmith.runtime.errors import BuildError
 
 VERIFY_TEXT = (
     "The engine is checked against the reference implementation: the same weights must give "
@@ -67,7 +67,7 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
     # Refuse an existing output before spending minutes on the build.
     output = config.output.expanduser().resolve()
     if output.exists() and not config.force:
-        from enginesmith.compiler.errors import EngineDirError
+        from enginesmith.runtime.errors import EngineDirError
 
         raise EngineDirError(
             f"{output} already exists: pass --force to overwrite it, or choose another -o"
@@ -83,10 +83,14 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         ),
     )
     if config.kv_heads is not None:  # a bad --kv-heads fails before the minute-long export
+        from enginesmith.passes.base import PassError
         from enginesmith.passes.collapse_kv_heads import check_target
 
         src = export.ModelDims.from_config(loaded.config)
-        check_target(config.kv_heads, src.num_heads, src.num_kv_heads)
+        try:
+            check_target(config.kv_heads, src.num_heads, src.num_kv_heads)
+        except PassError as exc:
+            raise BuildError(str(exc)) from exc
     exported = stages.run(
         "export to ONNX (torch dynamo, opset 23)",
         lambda: export.export_model(loaded.model),
@@ -230,9 +234,9 @@ def measure_quality(
     engine_dir: Path, manifest: dict[str, Any], loaded: sources.LoadedModel
 ) -> quality.QualityReport:
     """Perplexity and top-1 agreement of the built engine vs the fp32 reference model."""
-    from enginesmith.runtime.sessions import open_session
+    from enginesmith.runtime.executors import open_executor
 
-    session = open_session(engine_dir, manifest)
+    session = open_executor(engine_dir, manifest)
     tokens = min(1024, manifest["max_seq_len"])
     return quality.evaluate_engine(session, loaded.model, loaded.tokenizer, num_tokens=tokens)
 
@@ -243,12 +247,12 @@ def verify_engine(
     """Prefill a fixed text through the engine and through transformers; compare all logits."""
     import torch
 
-    from enginesmith.runtime.sessions import open_session
+    from enginesmith.runtime.executors import open_executor
 
     limit = min(manifest["max_seq_len"] - 1, manifest.get("max_step_tokens", 1 << 30))
     ids = loaded.tokenizer(VERIFY_TEXT).input_ids[:limit]
     n = len(ids)
-    session = open_session(engine_dir, manifest)
+    session = open_executor(engine_dir, manifest)
     logits = session.step(
         0,
         np.array([ids]),

@@ -18,7 +18,7 @@ from enginesmith.compiler.config import (
     TRT_HARDWARE_COMPAT,
     BuildConfig,
 )
-from enginesmith.compiler.errors import EnginesmithError
+from enginesmith.runtime.errors import EnginesmithError
 
 
 def build_parser() -> argparse.ArgumentParser:

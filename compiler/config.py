@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
-from enginesmith.compiler.errors import BuildError
+from enginesmith.runtime.errors import BuildError
 
 # onnxruntime: CPU, fp32. onnxruntime-gpu: ONNX Runtime's CUDA provider, fp16/bf16.
 # tensorrt: a TensorRT plan (model.plan) built from the same fp16/bf16 graph.

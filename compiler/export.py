@@ -25,7 +25,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from enginesmith.compiler.errors import BuildError
+from enginesmith.runtime.errors import BuildError
 
 EXPORT_OPSET = 23
 MIN_EXPORT_OPSET = 18  # the dynamo exporter's floor: below it, it silently writes opset 18

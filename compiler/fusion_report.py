@@ -12,8 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from enginesmith.compiler.errors import BuildError
 from enginesmith.compiler.pipeline import PassRecord
+from enginesmith.runtime.errors import BuildError
 
 
 @dataclass

@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from enginesmith.compiler import quality
-from enginesmith.compiler.errors import BuildError
 from enginesmith.passes.collapse_kv_heads import HeadStats
+from enginesmith.runtime.errors import BuildError
 
 CALIBRATION_TOKENS = 1024  # Gram matrices of D-vectors: a thousand tokens settle them
 SEGMENT_TOKENS = 512  # the text is read as independent segments of this many tokens

@@ -8,9 +8,12 @@ from typing import Any
 
 import onnx_ir as ir
 
-from enginesmith.compiler.backends.tensorrt import tensorrt_passes
+from enginesmith.compiler.backends.tensorrt import (
+    attention_ops,
+    gpu_dtype,
+    kv_cache_capacity,
+)
 from enginesmith.compiler.config import BuildConfig
-from enginesmith.compiler.errors import BuildError
 from enginesmith.compiler.export import ModelDims
 from enginesmith.compiler.sources import LoadedModel
 from enginesmith.passes.base import EnginePass
@@ -24,6 +27,7 @@ from enginesmith.passes.pack_qkv import PackQKVPass
 from enginesmith.passes.quantize_weights import QuantizeWeightsPass
 from enginesmith.passes.remove_layout_noops import RemoveLayoutNoOpsPass
 from enginesmith.plugins.flash_attention.onnxruntime import LowerFlashAttentionToORT
+from enginesmith.runtime.errors import BuildError
 
 
 @dataclass
@@ -94,10 +98,14 @@ def _collapse_kv_heads(
     """The KV-head collapse pass, with calibration statistics from the reference model (for
     --kv-grouping similarity and the reconstruction-error report)."""
     from enginesmith.compiler import kv_calibration
+    from enginesmith.passes.base import PassError
     from enginesmith.passes.collapse_kv_heads import CollapseKVHeadsPass, check_target
 
     assert config.kv_heads is not None
-    check_target(config.kv_heads, dims.num_heads, dims.num_kv_heads)
+    try:
+        check_target(config.kv_heads, dims.num_heads, dims.num_kv_heads)
+    except PassError as exc:
+        raise BuildError(str(exc)) from exc
     loaded = inputs.loaded if inputs else None
     stats = None
     if config.kv_heads < dims.num_kv_heads and loaded is not None:
@@ -109,6 +117,34 @@ def _collapse_kv_heads(
     return CollapseKVHeadsPass(
         config.kv_heads, config.kv_grouping, stats, expected_layers=dims.num_layers
     )
+
+
+def tensorrt_passes(dims: ModelDims, inputs: PassInputs | None = None) -> list[EnginePass]:
+    from enginesmith.passes.convert_float import ConvertFloatPass
+    from enginesmith.plugins.flash_attention.tensorrt import LowerFlashAttentionToTensorRT
+
+    config = inputs.config if inputs else None
+    max_seq_len = config.max_seq_len if config is not None else 2048
+    max_num_tokens = config.max_num_tokens if config is not None else 512
+    passes: list[EnginePass] = [
+        # Attention first: it needs the exporter's Concat/Expand cache chain intact.
+        FuseAttentionPass(dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.sliding_window),
+        # The causal-mask and Concat chains are now dead; fold and collapse what is left.
+        CleanupPass(),
+    ]
+    if config is not None and config.kv_heads is not None:
+        # [kv-collapse] On the backend-neutral plugin op, before lowering.
+        passes.append(_collapse_kv_heads(dims, config, inputs))
+    passes += [
+        # Backend lowering after every backend-neutral pass; the cache gets its static capacity.
+        LowerFlashAttentionToTensorRT(
+            attention_ops(config, dims.sliding_window),
+            kv_cache_capacity(max_seq_len, max_num_tokens),
+        ),
+        # Last: every float tensor the passes above created is converted with the weights.
+        ConvertFloatPass(gpu_dtype(config)),
+    ]
+    return passes
 
 
 # The GPU backends share one TensorRT-ready graph (compiler/backends/tensorrt.py).

@@ -42,7 +42,7 @@ def heldout_text() -> str:
 
 
 def read_text_file(path: Path) -> str:
-    from enginesmith.compiler.errors import BuildError
+    from enginesmith.runtime.errors import BuildError
 
     try:
         text = path.read_text(encoding="utf-8")
@@ -58,7 +58,7 @@ def read_text_file(path: Path) -> str:
 
 
 def engine_logits(session: Any, ids: list[int], slot: int = 0) -> np.ndarray:
-    """Logits [len(ids), vocab] of an EngineSession for every position (chunked prefill)."""
+    """Logits [len(ids), vocab] of an OrtCpuExecutor for every position (chunked prefill)."""
     out = []
     for start in range(0, len(ids), EVAL_CHUNK):
         chunk = ids[start : start + EVAL_CHUNK]

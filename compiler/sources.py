@@ -17,7 +17,7 @@ from typing import Any
 os.environ.setdefault("TQDM_DISABLE", "1")
 
 from enginesmith.compiler import presets  # noqa: E402
-from enginesmith.compiler.errors import ModelSourceError, UnsupportedArchitectureError  # noqa: E402
+from enginesmith.runtime.errors import ModelSourceError, UnsupportedArchitectureError  # noqa: E402
 
 # model_type (config.json) / general.architecture (GGUF) -> transformers class name.
 SUPPORTED_ARCHITECTURES: dict[str, str] = {

@@ -7,6 +7,12 @@ from typing import Any
 import onnx_ir as ir
 
 
+class PassError(ValueError):
+    """A pass cannot rewrite this model with these arguments; the one-line message names the
+    fix. The compiler turns it into its user-facing BuildError (passes import no layer above
+    them)."""
+
+
 class EnginePass(ir.passes.InPlacePass):
     """An onnx_ir pass with a stable name and a `report` dict filled by `call`.
 

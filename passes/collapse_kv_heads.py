@@ -38,8 +38,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common
 
-from enginesmith.compiler.errors import BuildError
-from enginesmith.passes.base import EnginePass
+from enginesmith.passes.base import EnginePass, PassError
 from enginesmith.plugins.flash_attention import schema
 
 GROUPINGS = ("contiguous", "similarity")
@@ -61,15 +60,15 @@ def allowed_kv_heads(num_kv_heads: int) -> list[int]:
 
 
 def check_target(target: int, num_heads: int, num_kv_heads: int) -> None:
-    """Raise a one-line BuildError when TARGET KV heads cannot be made from NUM_KV_HEADS."""
+    """Raise a one-line PassError when TARGET KV heads cannot be made from NUM_KV_HEADS."""
     choices = ", ".join(str(d) for d in allowed_kv_heads(num_kv_heads))
     if target < 1 or target > num_kv_heads:
-        raise BuildError(
+        raise PassError(
             f"--kv-heads {target} is not below the model's {num_kv_heads} KV heads: collapsing "
             f"can only remove heads; choose one of {choices} ({num_kv_heads} keeps the model as is)"
         )
     if num_kv_heads % target:
-        raise BuildError(
+        raise PassError(
             f"--kv-heads {target} does not divide the model's {num_kv_heads} KV heads "
             f"({num_heads} query heads); choose one of {choices}"
         )
@@ -301,9 +300,9 @@ class CollapseKVHeadsPass(EnginePass):
     ) -> None:
         super().__init__()
         if grouping not in GROUPINGS:
-            raise BuildError(f"--kv-grouping must be one of {', '.join(GROUPINGS)}")
+            raise PassError(f"--kv-grouping must be one of {', '.join(GROUPINGS)}")
         if grouping == "similarity" and stats is None:
-            raise BuildError(
+            raise PassError(
                 "--kv-grouping similarity needs calibration statistics [developer error]"
             )
         self.target = num_kv_heads
@@ -319,12 +318,12 @@ class CollapseKVHeadsPass(EnginePass):
         # Not `requires`: onnx_ir replaces what that raises with a generic PreconditionError.
         found = len(self._attention_nodes(model))
         if not found:
-            raise BuildError(
+            raise PassError(
                 f"{self.name}: the model has no FlashAttention node to rewrite (run it after "
                 "fuse-attention on a decoder export); --kv-heads needs fused attention"
             )
         if self.expected_layers is not None and found != self.expected_layers:
-            raise BuildError(
+            raise PassError(
                 f"{self.name}: only {found} of {self.expected_layers} attention layers are fused; "
                 "--kv-heads needs every layer fused (drop --kv-heads, or report the export form)"
             )
@@ -343,7 +342,7 @@ class CollapseKVHeadsPass(EnginePass):
         if any(
             (a.num_heads, a.kv_num_heads, a.head_dim) != (heads, kv_heads, head_dim) for a in attrs
         ):
-            raise BuildError(f"{self.name}: layers differ in head counts; not supported")
+            raise PassError(f"{self.name}: layers differ in head counts; not supported")
         check_target(self.target, heads, kv_heads)
         layers = len(nodes)
         self.report = {
@@ -368,7 +367,7 @@ class CollapseKVHeadsPass(EnginePass):
                 failures[node.name or "?"] = str(why)
         if failures:
             reasons = "; ".join(f"{k}: {v}" for k, v in failures.items())
-            raise BuildError(
+            raise PassError(
                 f"{self.name}: cannot rewrite {len(failures)} of {layers} attention layers "
                 f"({reasons}); report this export form with the model's config.json"
             )
@@ -398,7 +397,7 @@ class CollapseKVHeadsPass(EnginePass):
 
     def _choose_groups(self, layers: int, kv_heads: int) -> list[Groups]:
         if self.stats is not None and self.stats.key_gram.shape != (layers, kv_heads, kv_heads):
-            raise BuildError(
+            raise PassError(
                 f"{self.name}: calibration statistics have shape {self.stats.key_gram.shape}, "
                 f"expected {(layers, kv_heads, kv_heads)} [developer error]"
             )

@@ -1,4 +1,4 @@
-"""`enginesmith`: run engine directories (generate, chat, inspect, bench)."""
+"""`enginesmith`: run engine directories (generate, chat, inspect)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from enginesmith.compiler.errors import EnginesmithError
+from enginesmith.runtime.errors import EnginesmithError
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -88,25 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw manifest and build report as JSON"
     )
 
-    sub.add_parser(
-        "bench",
-        help="benchmark prefill/decode against transformers (enginesmith bench --help); with "
-        "--serving: sequential vs static vs in-flight serving (enginesmith bench --serving --help)",
-        add_help=False,
-    )
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"]:
-        if "--serving" in argv:
-            from enginesmith.runtime import bench_serving
-
-            return bench_serving.main([a for a in argv[1:] if a != "--serving"])
-        from enginesmith.runtime import bench
-
-        return bench.main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "generate":
@@ -160,7 +146,7 @@ def _table(rows: list[tuple[str, Any]]) -> str:
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from enginesmith.compiler.artifact import read_manifest
+    from enginesmith.runtime.engine_dir import read_manifest
 
     root = args.engine_dir
     manifest = read_manifest(root)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.compiler.errors import BackendUnavailableError
+from enginesmith.runtime.errors import BackendUnavailableError
 
 _NO_DEVICE = 100  # cudaErrorNoDevice
 _INSUFFICIENT_DRIVER = 35  # cudaErrorInsufficientDriver

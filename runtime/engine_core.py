@@ -1,4 +1,4 @@
-"""EngineCore: one `step()` = schedule -> run the engine session -> sample -> update.
+"""EngineCore: one `step()` = schedule -> execute -> sample -> update.
 
 Shared by the synchronous `LLM.generate` loop and the asynchronous serving loop. Each step
 turns the scheduler's chunks into as few engine calls as padding allows: every single-token
@@ -8,14 +8,9 @@ are grouped by adjacent slots into calls whose right padding stays under MAX_PAD
 real tokens (one weight read for several prompts); a decode row is never padded to a
 chunk's length, which would multiply the work of the whole call.
 
-A step that is one greedy decode and nothing else (one running request, none waiting) runs
-up to `greedy_run` decode steps in ONE kernel call (EngineSession.greedy_run): the argmax
-is taken in the kernel and fed back, and the call's fixed costs (Python, waking the kernel's
-threads, the host between calls; ~0.3 ms of a ~8.6 ms token at two CCXs here,
-scripts/compare_greedy_runs.py in docs/benchmarks.md) are paid once per run. The tokens
-then go through the same bookkeeping as single steps', one by one; those after the request
-finishes (a stop string) are dropped. A request arriving meanwhile waits for the run's end:
-at most greedy_run - 1 steps.
+
+This is the only step loop: prefill, chunked prefill, decode and (later) verification are
+the same step with different token counts, all planned by the scheduler.
 """
 
 from __future__ import annotations
@@ -27,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from enginesmith.runtime.executor import Executor
 from enginesmith.runtime.sampling import (
     IncrementalDetokenizer,
     Sampler,
@@ -39,15 +35,10 @@ from enginesmith.runtime.scheduler import (
     SchedRequest,
     ScheduledChunk,
     Scheduler,
-    SchedulerOutput,
 )
-from enginesmith.runtime.session import EngineSession
 
 # A prefill call may compute at most this fraction of padding on top of its real tokens.
 MAX_PADDING = 0.25
-# Greedy decode steps per kernel call when one request decodes alone: the fixed costs of a
-# call shrink to an eighth per token, and a request arriving meanwhile waits <= 7 steps.
-GREEDY_RUN_STEPS = 8
 
 
 @dataclass
@@ -60,8 +51,7 @@ class RequestStats:
     prefill_s: float = 0.0  # engine time of the calls that computed this request's prompt
     decode_s: float = 0.0  # from the first to the last generated token
     # Engine time of each decode call that computed one of tokens 2..n, in order (a call that
-    # steps several requests counts in full for each; a greedy run's call, split evenly over
-    # the tokens it made).
+    # steps several requests counts in full for each).
     decode_call_s: list[float] = field(default_factory=list)
     total_s: float = 0.0
     num_preemptions: int = 0
@@ -160,23 +150,21 @@ class StepEvent:
 
 
 class EngineCore:
-    """Owns the scheduler and drives the engine session one iteration at a time."""
+    """Owns the scheduler and drives the executor one iteration at a time."""
 
     def __init__(
         self,
-        session: EngineSession,
+        executor: Executor,
         decode: Callable[[list[int]], str],
         eos_token_ids: frozenset[int],
         max_num_tokens: int,
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
-        greedy_run: int = GREEDY_RUN_STEPS,
     ) -> None:
-        self.session = session
-        self.greedy_run = greedy_run
+        self.executor = executor
         self.decode = decode
         self.eos_token_ids = eos_token_ids
-        kv = KVCacheManager(session.max_batch, session.max_seq_len, kv_budget_tokens)
+        kv = KVCacheManager(executor.max_batch, executor.max_seq_len, kv_budget_tokens)
         self.scheduler = Scheduler(kv, max_num_tokens, max_waiting)
         self.live: dict[str, LiveRequest] = {}
 
@@ -211,9 +199,6 @@ class EngineCore:
             if self.scheduler.has_unfinished:
                 raise RuntimeError("scheduler made no progress [developer error]")
             return []
-        steps = self._greedy_run_steps(output)
-        if steps > 1:
-            return [self._run_greedy(output.chunks[0], steps)]
         logits = self._execute(output.chunks)
         sampled: dict[str, int] = {}
         for chunk in output.chunks:
@@ -232,54 +217,8 @@ class EngineCore:
             events.append(StepEvent(request, delta, request.finish_reason is not None))
         return events
 
-    def _greedy_run_steps(self, output: SchedulerOutput) -> int:
-        """Decode steps this iteration may run in one greedy kernel call (1 = a normal step):
-        one greedy decode alone, on the kernels, capped by max_tokens, the slot and the KV
-        budget (reserved here for the whole run)."""
-        if self.greedy_run < 2 or len(output.chunks) != 1 or output.preempted:
-            return 1
-        if self.scheduler.waiting or not getattr(self.session, "runs_greedy_on_kernels", False):
-            return 1
-        chunk = output.chunks[0]
-        sched = chunk.request
-        request = self.live[sched.request_id]
-        if not (chunk.num_new_tokens == 1 and chunk.samples and request.params.greedy):
-            return 1
-        if chunk.start < len(sched.prompt_token_ids):  # a 1-token prompt: a prefill
-            return 1
-        left = request.params.max_tokens - len(sched.output_token_ids)
-        room = self.session.max_seq_len - 1 - chunk.start  # positions start.. stay in the slot
-        steps = min(self.greedy_run, left, room)
-        if steps < 2 or not self.scheduler.kv.reserve(sched, chunk.start + steps):
-            return 1
-        return steps
-
-    def _run_greedy(self, chunk: ScheduledChunk, steps: int) -> StepEvent:
-        """Up to STEPS greedy decode steps of CHUNK's request in one kernel call, then each
-        token accepted as a single step's would be."""
-        sched = chunk.request
-        request = self.live[sched.request_id]
-        stops = np.array(sorted(self._stop_token_ids(request.params)), np.int64)
-        start = time.perf_counter()
-        tokens = self.session.greedy_run(
-            _slot(chunk), sched.token_at(chunk.start), chunk.start, steps, stops
-        )
-        now = time.perf_counter()
-        per_token = (now - start) / len(tokens)
-        deltas = []
-        for i, token in enumerate(tokens.tolist()):
-            one = ScheduledChunk(sched, chunk.start + i, 1, samples=True)
-            self.scheduler.update(SchedulerOutput([one]), {sched.request_id: token})
-            request.stats.decode_call_s.append(per_token)
-            deltas.append(self._accept(request, token, now))
-            if request.finish_reason is not None:
-                self.scheduler.finish(sched)
-                del self.live[sched.request_id]
-                break
-        return StepEvent(request, "".join(deltas), request.finish_reason is not None)
-
     def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
-        """Run CHUNKS on the session; return last-position logits per sampling request."""
+        """Run CHUNKS on the executor; return last-position logits per sampling request."""
         logits: dict[str, np.ndarray] = {}
         decodes = [c for c in chunks if c.num_new_tokens == 1]
         if decodes:
@@ -313,7 +252,7 @@ class EngineCore:
             seqlens_k[row] = c.start + n - 1
             query_seqlens[row] = n
         wanted = np.array([row * width + c.num_new_tokens - 1 for row, c in enumerate(group)])
-        out = self.session.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, wanted)
+        out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, wanted)
         return {c.request.request_id: out[row] for row, c in enumerate(group) if c.samples}
 
     def _run_decodes(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
@@ -331,7 +270,7 @@ class EngineCore:
             seqlens_k[row] = c.start
             query_seqlens[row] = 1
         rows_out = np.array(slots, np.int64) - lo
-        out = self.session.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, rows_out)
+        out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, rows_out)
         return {c.request.request_id: out[i] for i, c in enumerate(chunks) if c.samples}
 
     def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
@@ -360,7 +299,7 @@ class EngineCore:
             delta, stopped = r.stopper.feed(r.detokenizer.add(token))
             if stopped:
                 r.finish_reason = "stop"
-            elif n >= p.max_tokens or sched.num_tokens >= self.session.max_seq_len:
+            elif n >= p.max_tokens or sched.num_tokens >= self.executor.max_seq_len:
                 r.finish_reason = "length"
                 delta += r.stopper.feed(r.detokenizer.flush())[0] + r.stopper.flush()
         r.text_parts.append(delta)

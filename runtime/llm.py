@@ -11,18 +11,18 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from enginesmith.compiler.artifact import read_manifest
-from enginesmith.compiler.errors import BackendUnavailableError, InvalidRequestError
 from enginesmith.runtime.engine_core import (
-    GREEDY_RUN_STEPS,
     EngineCore,
     LiveRequest,
     RequestOutput,
     RequestStats,
     StepEvent,
 )
+from enginesmith.runtime.engine_dir import read_manifest
+from enginesmith.runtime.errors import BackendUnavailableError, InvalidRequestError
+from enginesmith.runtime.executor import Executor
+from enginesmith.runtime.executors import EXECUTOR_BACKENDS, open_executor
 from enginesmith.runtime.sampling import SamplingParams
-from enginesmith.runtime.sessions import SESSION_BACKENDS, open_session
 
 # Per-step token budget when the manifest does not set one (older engines).
 DEFAULT_MAX_NUM_TOKENS = 512
@@ -62,8 +62,6 @@ class LLM:
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
         spin_wait: bool = True,
-        decode_kernels: bool | None = None,
-        greedy_run: int = GREEDY_RUN_STEPS,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -75,20 +73,10 @@ class LLM:
             synchronous caller (generate/stream); pass False to serve concurrent async callers
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
-        decode_kernels: decode steps of up to 4 rows on compiled CPU kernels instead of ONNX
-            Runtime (CPU fp32 engines): faster single-stream generation and static batching,
-            level in-flight serving (docs/benchmarks.md). None = the ENGINESMITH_DECODE_KERNELS
-            variable ("0" = off), on by default; False keeps every step on ONNX Runtime. The
-            first run on a machine compiles them (~15 s, announced; cached).
-        greedy_run: greedy decode steps per kernel call while one request decodes alone, on
-            the decode kernels (the argmax is taken in the kernel; ~3% faster per token here,
-            docs/benchmarks.md). A stream then gets its text in runs of up to this many
-            tokens, and a request arriving meanwhile waits up to greedy_run - 1 steps. 1 = a
-            call per token.
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
-        if self.manifest.get("backend") not in SESSION_BACKENDS:
+        if self.manifest.get("backend") not in EXECUTOR_BACKENDS:
             raise BackendUnavailableError(
                 f"{self.engine_dir}: backend {self.manifest.get('backend')!r} is not supported by "
                 "this runtime; rebuild with --backend onnxruntime"
@@ -100,15 +88,11 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
-        # ONNX Runtime on CPU (EngineSession) or CUDA, or TensorRT: one step() interface.
-        self.session: Any = open_session(
-            self.engine_dir,
-            self.manifest,
-            threads=threads,
-            spin_wait=spin_wait,
-            decode_kernels=decode_kernels,
+        # ONNX Runtime on CPU or CUDA, or TensorRT: one Executor interface.
+        self.executor: Executor = open_executor(
+            self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
         )
-        self.session.warmup()
+        self.executor.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
         budget = max_num_tokens or self.manifest.get("max_num_tokens", DEFAULT_MAX_NUM_TOKENS)
         if kv_budget_tokens is not None and kv_budget_tokens < self.max_seq_len:
@@ -117,13 +101,12 @@ class LLM:
                 f"({self.max_seq_len} tokens): raise it"
             )
         self.core = EngineCore(
-            self.session,
+            self.executor,
             self._decode,
             frozenset(self.manifest.get("eos_token_ids", [])),
             max_num_tokens=budget,
             kv_budget_tokens=kv_budget_tokens,
             max_waiting=max_waiting,
-            greedy_run=greedy_run,
         )
         self._lock = threading.Lock()  # one driver of the core at a time
         self._loop_thread: _EngineLoop | None = None

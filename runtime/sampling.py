@@ -13,7 +13,7 @@ from numbers import Integral, Real
 
 import numpy as np
 
-from enginesmith.compiler.errors import InvalidRequestError
+from enginesmith.runtime.errors import InvalidRequestError
 
 # Cumulative sums of float64 softmax outputs are off by a few ulps, so a set whose true mass is
 # exactly top_p (e.g. 0.5 + 0.3 for top_p=0.8) could otherwise sum to 0.79999... and pull in one

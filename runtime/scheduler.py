@@ -21,7 +21,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from enginesmith.compiler.errors import InvalidRequestError
+from enginesmith.runtime.errors import InvalidRequestError
 
 
 class QueueFullError(InvalidRequestError):

@@ -53,7 +53,7 @@ def main() -> int:
             logits = ref.model(ids).logits[0, -1].numpy()
         expected = gen[0, ids.shape[1] :].tolist()
         n = ids.shape[1]
-        ours = llm.session.step(
+        ours = llm.executor.step(
             0,
             ids.numpy(),
             np.arange(n)[None],

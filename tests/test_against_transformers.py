@@ -32,7 +32,7 @@ def hf_greedy(loaded, prompt: str, n: int) -> list[int]:  # type: ignore[no-unty
 def last_logits_relative_diff(llm: LLM, loaded, prompt: str) -> float:  # type: ignore[no-untyped-def]
     ids = llm.tokenizer(prompt).input_ids
     n = len(ids)
-    ours = llm.session.step(
+    ours = llm.executor.step(
         0,
         np.array([ids]),
         np.arange(n)[None],

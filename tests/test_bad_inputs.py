@@ -22,14 +22,14 @@ import pytest
 from enginesmith.compiler import artifact, presets
 from enginesmith.compiler.build import build
 from enginesmith.compiler.config import BuildConfig
-from enginesmith.compiler.errors import (
+from enginesmith.compiler.sources import load_model
+from enginesmith.runtime.errors import (
     EngineDirError,
     EnginesmithError,
     InvalidRequestError,
     ModelSourceError,
     UnsupportedArchitectureError,
 )
-from enginesmith.compiler.sources import load_model
 from enginesmith.runtime.sampling import SamplingParams
 
 BIN = Path(sys.executable).parent

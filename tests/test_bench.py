@@ -1,4 +1,4 @@
-"""Tests for the pure helpers of enginesmith.runtime.bench (no model is loaded, nothing is timed)."""
+"""Tests for the pure helpers of enginesmith.scripts.benchmarks.bench (no model is loaded, nothing is timed)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from enginesmith.runtime import bench
+from enginesmith.scripts.benchmarks import bench
 from tests.cli_help import assert_help_explains_every_flag
 
 # --- statistics and ratios ------------------------------------------------------------------------
@@ -102,48 +102,6 @@ def test_steady_fractions_keep_runs_whose_bandwidth_held() -> None:
     assert bench.steady_fractions([1.0], [(0.0, 0.0)], 1) == []
     with pytest.raises(ValueError):
         bench.steady_fractions([1.0, 2.0], [(1.0, 1.0)], 1)
-
-
-def test_steady_fractions_are_split_by_core_placement() -> None:
-    """A run counts for a placement when the handoffs before and after it both say so; a run
-    the host moved a core through, or one without a handoff, counts for neither."""
-    gb = 1e9
-    held = (80 * gb, 80 * gb)
-    placed = bench.steady_fractions_by_placement(
-        [100.0, 50.0, 60.0, 70.0, 90.0],
-        [held, held, (80 * gb, 40 * gb), held, held],
-        [(190.0, 185.0), (40.0, 38.0), (190.0, 200.0), (40.0, 190.0), (None, 40.0)],
-        bytes_per_token=500_000_000,
-    )
-    two, one = placed["two CCXs"], placed["one CCX (shared L3)"]
-    assert (two["runs"], two["steady_runs"]) == (2, 1)  # the second's bandwidth moved
-    assert two["decode_fraction_of_steady_bound"]["median"] == pytest.approx(100 / 160)
-    assert (one["runs"], one["steady_runs"]) == (1, 1)
-    assert one["decode_fraction_of_steady_bound"]["median"] == pytest.approx(50 / 160)
-
-
-def test_core_handoff_is_measured_between_two_threads() -> None:
-    """Two numba threads take turns on one cache line; with one thread there is nothing to
-    measure (None, not a spin that never ends)."""
-    import numba
-
-    from enginesmith.runtime.core_handoff import core_handoff_ns, placement, shares_l3
-
-    default = numba.get_num_threads()
-    if default >= 2:
-        ns = core_handoff_ns(round_trips=2000)
-        assert ns is not None and 0 < ns < 100_000
-        assert shares_l3(ns) is (ns < 100.0)
-    numba.set_num_threads(1)
-    try:
-        assert core_handoff_ns(round_trips=10) is None
-    finally:
-        numba.set_num_threads(default)
-    assert shares_l3(None) is None
-    assert placement([40.0, 45.0]) == "one CCX (shared L3)"
-    assert placement([180.0, 190.0]) == "two CCXs"
-    assert placement([40.0, 190.0]) is None  # the host moved a core in between
-    assert placement([None, 40.0]) is None
 
 
 def test_best_bandwidth_is_the_fastest_pass_of_any_method() -> None:
@@ -397,35 +355,6 @@ def test_render_with_transformers() -> None:
     assert "first 200 of 256" in out and "unfused export's greedy tokens" in out
 
 
-def test_render_names_both_decode_paths() -> None:
-    """With decode kernels, the same engine's onnxruntime decode steps get a row of their own
-    and the ratio of the two paths is printed."""
-    result = _result(with_peer=True)
-    result["implementations"]["ours_ort_steps"] = {
-        "prefill_tokens_per_s": None,
-        "decode_tokens_per_s": bench.summarize([60.0, 61.0, 62.0]),
-        "weights": {"bytes_per_token": 538_060_032},
-        "bound_tokens_per_s": 143.0,
-        "decode_fraction_of_bound": 61.0 / 143.0,
-    }
-    result["ratios"]["kernels_vs_ort_steps_decode"] = 68.0 / 61.0
-    result["ratios"]["ort_steps_decode"] = 61.0 / 32.0
-    result["greedy_agreement"]["ort_steps_common_prefix"] = 256
-    result["implementations"]["ours"]["steady_runs"] = 2
-    result["implementations"]["ours"]["decode_fraction_of_steady_bound"] = bench.summarize(
-        [0.8, 0.9]
-    )
-    out = bench.render(result)
-    lines = out.splitlines()
-    assert any(line.startswith("enginesmith (fused, decode kernels)") for line in lines)
-    ort_row = next(line for line in lines if line.startswith("enginesmith (fused, onnxruntime"))
-    assert "61.0 [60.0-62.0]" in ort_row and "1.91x" in ort_row and "42.7%" in ort_row
-    assert "decode kernels vs onnxruntime decode steps (same engine): 1.11x" in out
-    assert "onnxruntime decode steps' greedy tokens identical to transformers: first 256" in out
-    steady = next(line for line in out.splitlines() if line.startswith("runs whose bandwidth"))
-    assert "2 of 3" in steady and "85.0 [80.0-90.0]%" in steady and "onnxruntime" not in steady
-
-
 def test_render_without_transformers() -> None:
     out = bench.render(_result(with_peer=False))
     assert not any(line.startswith("transformers") for line in out.splitlines())
@@ -464,7 +393,7 @@ def test_unfused_baseline_decodes_like_the_engine(tiny_engine, tmp_path: Path) -
     tokens as the fused engine: the two rows of the table compute the same thing."""
     from enginesmith.runtime.llm import LLM
     from enginesmith.runtime.sampling import SamplingParams
-    from enginesmith.runtime.unfused_baseline import UnfusedRunner, ensure_unfused_export
+    from enginesmith.scripts.benchmarks.unfused_baseline import UnfusedRunner, ensure_unfused_export
 
     path = ensure_unfused_export("tiny-llama", tmp_path / "unfused", log=lambda _m: None)
     assert ensure_unfused_export("tiny-llama", tmp_path / "unfused") == path  # cached
@@ -534,7 +463,7 @@ def test_cached_engine_rebuilds_only_stale_engines(
 def test_matmul_floor_uses_the_engines_weight_shapes(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     """The floor chains exactly the engine's weight MatMuls: 4 per layer after packing + the
     LM head, with the engine's shapes and bytes."""
-    from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
+    from enginesmith.scripts.benchmarks.matmul_floor import MatMulFloor, weight_matmul_shapes
 
     engine = tiny_engine("tiny-llama")
     shapes = weight_matmul_shapes(engine / "model.onnx")
@@ -579,7 +508,6 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
         {"ours": {"token_ids": [1, 2, 3, 4]}},
         {"before": bw, "run 1": bw, "after": bw},
         [(total * 100.0, total * 100.0)],
-        [(40.0, 45.0)],  # core handoffs, ns: one CCX through the decode
         {"ours": 8},
     )
     ours = result["implementations"]["ours"]
@@ -598,17 +526,7 @@ def test_results_bound_counts_weights_and_kv_and_render_prints_both(tmp_path: Pa
     median_call = ours["decode_median_call"]
     assert median_call["decode_fraction_of_same_run_bound"]["median"] == pytest.approx(0.6)
     assert median_call["decode_fraction_of_steady_bound"]["median"] == pytest.approx(0.6)
-    placed = ours["decode_steady_by_placement"]
-    assert placed["one CCX (shared L3)"]["steady_runs"] == 1
-    assert placed["one CCX (shared L3)"]["decode_fraction_of_steady_bound"]["median"] == 0.5
-    assert placed["two CCXs"] == {
-        "runs": 0, "steady_runs": 0, "decode_fraction_of_steady_bound": None
-    }  # fmt: skip
     text = bench.render(result)
-    assert (
-        "one CCX (shared L3): 1 of 1 runs steady, 50.0 [50.0-50.0]%; two CCXs: 0 of 0 runs "
-        "steady, -" in text
-    )
     assert "decode calls only (stats.engine_decode_tokens_per_s): 55.0" in text
     assert (
         "median decode call (stats.median_decode_call_tokens_per_s): 60.0 [60.0-60.0]; of the "

@@ -1,4 +1,4 @@
-"""Tests for enginesmith.runtime.bench_quant's helpers (no timing, no llama.cpp needed)."""
+"""Tests for enginesmith.scripts.benchmarks.bench_quant's helpers (no timing, no llama.cpp needed)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from enginesmith.compiler.artifact import read_manifest
-from enginesmith.runtime import bench_quant
+from enginesmith.scripts.benchmarks import bench_quant
+from enginesmith.runtime.engine_dir import read_manifest
 from tests.cli_help import assert_help_explains_every_flag
 
 

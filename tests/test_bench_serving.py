@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import pytest
 
 from enginesmith.compiler.presets import train_tokenizer
-from enginesmith.runtime.bench_serving import make_workload, policy_metrics
+from enginesmith.scripts.benchmarks.bench_serving import make_workload, policy_metrics
 
 
 def test_workload_is_real_text_deterministic_and_bounded() -> None:

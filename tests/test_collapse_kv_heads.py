@@ -22,8 +22,7 @@ import pytest
 import torch
 
 from enginesmith.compiler import presets, quality
-from enginesmith.compiler.artifact import read_manifest
-from enginesmith.compiler.errors import BuildError
+from enginesmith.passes.base import PassError
 from enginesmith.passes.collapse_kv_heads import (
     CollapseKVHeadsPass,
     contiguous_groups,
@@ -31,7 +30,9 @@ from enginesmith.passes.collapse_kv_heads import (
     pooling_error,
     similarity_groups,
 )
-from enginesmith.runtime.session import EngineSession
+from enginesmith.runtime.engine_dir import read_manifest
+from enginesmith.runtime.errors import BuildError
+from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 from tests.conftest import build_quiet
 
 TOKENS = 96  # prompt tokens compared against the reference
@@ -80,7 +81,7 @@ def text_ids(tokenizer: Any, n: int = TOKENS) -> list[int]:
 
 
 def engine_logits(engine: Path, ids: list[int]) -> np.ndarray:
-    return quality.engine_logits(EngineSession(engine, read_manifest(engine)), ids)
+    return quality.engine_logits(OrtCpuExecutor(engine, read_manifest(engine)), ids)
 
 
 def assert_matches(engine: Path, model: Any, ids: list[int]) -> None:
@@ -286,5 +287,5 @@ def test_no_attention_to_rewrite_is_a_clear_error() -> None:
     w = ir.Value(name="w", const_value=ir.tensor(np.ones((4, 4), np.float32), name="w"))
     node = ir.node("MatMul", [x, w])
     graph = ir.Graph([x], node.outputs, nodes=[node], initializers=[w], opset_imports={"": 23})
-    with pytest.raises(BuildError, match="no FlashAttention node to rewrite"):
+    with pytest.raises(PassError, match="no FlashAttention node to rewrite"):
         CollapseKVHeadsPass(1)(ir.Model(graph, ir_version=10))

@@ -11,9 +11,9 @@ import onnx_ir as ir
 import pytest
 
 from enginesmith.compiler import export
-from enginesmith.compiler.errors import BuildError
 from enginesmith.compiler.pipeline import check_ir, onnxruntime_passes, run_pipeline
 from enginesmith.passes.fuse_attention import FuseAttentionPass
+from enginesmith.runtime.errors import BuildError
 from tests.conftest import TINY_PRESETS
 from tests.unfused_reference import compare_logits
 

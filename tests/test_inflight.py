@@ -8,7 +8,7 @@ import asyncio
 import pytest
 
 from enginesmith import LLM, SamplingParams
-from enginesmith.compiler.errors import InvalidRequestError
+from enginesmith.runtime.errors import InvalidRequestError
 from tests.conftest import PROMPTS
 
 MANY_PROMPTS = [f"{p} {i}" for i, p in enumerate(PROMPTS * 4)]  # 12 prompts of different lengths

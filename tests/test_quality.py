@@ -7,8 +7,8 @@ import numpy as np
 import torch
 
 from enginesmith.compiler import quality
-from enginesmith.compiler.artifact import read_manifest
-from enginesmith.runtime.session import EngineSession
+from enginesmith.runtime.engine_dir import read_manifest
+from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
 
 def test_perplexity_matches_torch_cross_entropy() -> None:
@@ -31,7 +31,7 @@ def test_heldout_and_calibration_texts_are_disjoint() -> None:
 
 def test_fp32_engine_scores_like_its_reference(tiny_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
     engine = tiny_engine("tiny-qwen2")
-    session = EngineSession(engine, read_manifest(engine))
+    session = OrtCpuExecutor(engine, read_manifest(engine))
     loaded = hf_models("tiny-qwen2")
     # 700 tokens: two chunks, so the chunked cache path is exercised too.
     report = quality.evaluate_engine(session, loaded.model, loaded.tokenizer, num_tokens=700)

@@ -33,7 +33,6 @@ import pytest
 
 from enginesmith import LLM, SamplingParams
 from enginesmith.compiler import presets
-from enginesmith.compiler.artifact import read_manifest
 from enginesmith.passes.quantize_weights import (
     QuantizeWeightsPass,
     codes,
@@ -41,7 +40,8 @@ from enginesmith.passes.quantize_weights import (
     quantize_rows,
     zero_point_values,
 )
-from enginesmith.runtime.session import EngineSession
+from enginesmith.runtime.engine_dir import read_manifest
+from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 from tests.conftest import PROMPTS
 from tests.test_bad_inputs import assert_cli_error, run_cli
 
@@ -200,7 +200,7 @@ def test_pass_reports_weights_it_cannot_quantize() -> None:
 
 
 def _prefill_logits(engine: Path, ids: list[int]) -> np.ndarray:
-    session = EngineSession(engine, read_manifest(engine, verify_hashes=False))
+    session = OrtCpuExecutor(engine, read_manifest(engine, verify_hashes=False))
     n = len(ids)
     return session.step(
         0,

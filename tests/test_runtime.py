@@ -9,13 +9,13 @@ import numpy as np
 import pytest
 
 from enginesmith import LLM, SamplingParams
-from enginesmith.runtime.session import resident_zeros
+from enginesmith.runtime.ort_cpu_executor import resident_zeros
 from tests.conftest import PROMPTS
 
 
 def test_kv_cache_is_updated_in_place(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     llm = LLM(tiny_engine("tiny-llama"))
-    buffers = llm.session.cache_key + llm.session.cache_value
+    buffers = llm.executor.cache_key + llm.executor.cache_value
     pointers = [b.ctypes.data for b in buffers]
     for b in buffers:
         b[...] = 0.0
@@ -23,7 +23,7 @@ def test_kv_cache_is_updated_in_place(tiny_engine) -> None:  # type: ignore[no-u
     total = len(out.prompt_token_ids) + len(out.token_ids) - 1  # last sampled token not yet cached
     assert [b.ctypes.data for b in buffers] == pointers  # same arrays, never reallocated
     # The engine wrote exactly the request's tokens into slot 0 of our preallocated arrays.
-    key0 = llm.session.cache_key[0]
+    key0 = llm.executor.cache_key[0]
     assert np.abs(key0[0, :, :total]).min(axis=-1).max() > 0  # written
     assert not np.any(key0[0, :, total:]) and not np.any(key0[1:])  # nothing else touched
 
@@ -173,11 +173,11 @@ def test_kv_cache_memory_is_resident_from_load(tiny_engine, monkeypatch) -> None
     assert _resident_fraction(control) < 0.5
     assert not cache.any()
     # The session allocates both caches through it (the tiny engine's are too small to measure).
-    from enginesmith.runtime import session as session_module
+    from enginesmith.runtime import ort_cpu_executor as session_module
 
     made = []
     monkeypatch.setattr(
         session_module, "resident_zeros", lambda s: made.append(s) or resident_zeros(s)
     )
     llm = LLM(tiny_engine("tiny-llama"))
-    assert made[-2:] == [llm.session.cache_key_all.shape, llm.session.cache_value_all.shape]
+    assert made[-2:] == [llm.executor.cache_key_all.shape, llm.executor.cache_value_all.shape]

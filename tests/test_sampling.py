@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from enginesmith.compiler.errors import EnginesmithError, InvalidRequestError
+from enginesmith.runtime.errors import EnginesmithError, InvalidRequestError
 from enginesmith.runtime.sampling import (
     IncrementalDetokenizer,
     Sampler,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from enginesmith.compiler.errors import InvalidRequestError
+from enginesmith.runtime.errors import InvalidRequestError
 from enginesmith.runtime.scheduler import (
     KVCacheManager,
     QueueFullError,

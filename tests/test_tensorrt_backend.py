@@ -25,13 +25,13 @@ import pytest
 from enginesmith.compiler import export, pipeline
 from enginesmith.compiler.backends import tensorrt as trt_backend
 from enginesmith.compiler.config import BuildConfig
-from enginesmith.compiler.errors import BackendUnavailableError, BuildError, EngineDirError
 from enginesmith.passes.convert_float import ConvertFloatPass
 from enginesmith.plugins.flash_attention import schema
 from enginesmith.plugins.flash_attention.reference import flash_attention_reference
 from enginesmith.plugins.flash_attention.tensorrt import LowerFlashAttentionToTensorRT
 from enginesmith.runtime import cuda
-from enginesmith.runtime.trt_session import engine_incompatibility
+from enginesmith.runtime.errors import BackendUnavailableError, BuildError, EngineDirError
+from enginesmith.runtime.trt_executor import engine_incompatibility
 from tests.conftest import PROMPTS, build_quiet
 
 ATOL = 1e-5
@@ -472,8 +472,8 @@ def test_engine_built_elsewhere_is_refused_with_the_fix() -> None:
 def test_onnx_only_engine_on_cpu(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     """`build-engine --backend tensorrt --onnx-only` needs neither TensorRT nor a GPU; loading
     the result says what to do."""
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.sessions import open_session
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.executors import open_executor
 
     engine = tiny_engine(
         "tiny-llama", backend="tensorrt", onnx_only=True, max_seq_len=64, max_num_tokens=16
@@ -485,7 +485,7 @@ def test_onnx_only_engine_on_cpu(tiny_engine) -> None:  # type: ignore[no-untype
     assert [p["name"] for p in manifest["tensorrt"]["profiles"]] == ["decode", "prefill"]
     onnx.checker.check_model(str(engine / "model.onnx"))
     with pytest.raises(EngineDirError, match="--onnx-only"):
-        open_session(engine, manifest)
+        open_executor(engine, manifest)
 
 
 @pytest.mark.skipif(
@@ -511,12 +511,12 @@ def test_tensorrt_rtx_builds_the_plan_without_a_gpu(tmp_path: Path, ops: str) ->
 def test_steps_wider_than_the_engine_run_in_chunks(tiny_engine) -> None:  # type: ignore[no-untyped-def]
     """GPU sessions split a step wider than their largest step (quality.engine_logits prefills
     512 tokens at once); checked on the CPU session: the same logits and cache contents."""
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.session import EngineSession
-    from enginesmith.runtime.sessions import step_in_chunks
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.executor import step_in_chunks
+    from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
     engine = tiny_engine("tiny-llama", max_seq_len=64)
-    session = EngineSession(engine, read_manifest(engine))
+    session = OrtCpuExecutor(engine, read_manifest(engine))
     rng = np.random.default_rng(0)
     seq = 20
     ids = rng.integers(3, 1000, (2, seq))
@@ -555,15 +555,15 @@ def test_gpu_engine_matches_cpu_engine(tiny_engine, backend: str) -> None:  # ty
     """CPU twin: test_fp16_graph_matches_fp32_on_onnxruntime (and the lowering tests). The GPU
     engine's logits on a mixed prefill + decode sequence vs the fp32 CPU engine's."""
     from enginesmith.compiler import quality
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.sessions import open_session
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.executors import open_executor
 
     kwargs = {"max_seq_len": 128, "max_num_tokens": 32}  # 60 tokens: two prefill steps
     cpu_dir = tiny_engine("tiny-llama", **kwargs)
     gpu_dir = tiny_engine("tiny-llama", backend=backend, **kwargs)
     ids = list(np.random.default_rng(0).integers(3, 1000, 60))
-    want = quality.engine_logits(open_session(cpu_dir, read_manifest(cpu_dir)), ids)
-    got = quality.engine_logits(open_session(gpu_dir, read_manifest(gpu_dir)), ids)
+    want = quality.engine_logits(open_executor(cpu_dir, read_manifest(cpu_dir)), ids)
+    got = quality.engine_logits(open_executor(gpu_dir, read_manifest(gpu_dir)), ids)
     relative = float(np.abs(got - want).max() / np.abs(want).max())
     assert relative < FP16_RTOL, relative
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.95

@@ -22,7 +22,6 @@ kernels on the build machine's GPU and needs one.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,13 +31,12 @@ from typing import TYPE_CHECKING, Any
 import onnx_ir as ir
 
 from enginesmith.compiler.backends import onnxruntime as ort_backend
-from enginesmith.compiler.errors import BackendUnavailableError, BuildError
-from enginesmith.passes.base import EnginePass
+from enginesmith.runtime.errors import BuildError
+from enginesmith.runtime.tensorrt_lib import TensorRT, find_tensorrt
 
 if TYPE_CHECKING:
     from enginesmith.compiler.config import BuildConfig
     from enginesmith.compiler.export import ModelDims
-    from enginesmith.compiler.pipeline import PassInputs
 
 PLAN_FILE = "model.plan"
 ATTENTION_OPS = ("auto", "trt", "onnx")
@@ -46,12 +44,6 @@ HARDWARE_COMPAT = ("none", "ampere-plus", "same-cc")
 # Build-time logit check of a GPU engine against transformers' fp32 logits, relative to the
 # largest |logit|. fp16 measured 1e-3 on the tiny models (ONNX Runtime CPU, same graph).
 VERIFY_RTOL = {"float16": 2e-2, "bfloat16": 6e-2}
-INSTALL_HINT = (
-    "install TensorRT for RTX from PyPI (pip install tensorrt-rtx-cu13, or -cu12 for CUDA 12) "
-    "or NVIDIA's full TensorRT (pip install tensorrt-cu13 --extra-index-url "
-    "https://pypi.nvidia.com)"
-)
-_TRT_MODULES = ("tensorrt", "tensorrt_rtx", "tensorrt_rtx_bindings")
 # TensorRT-RTX's targets when none is set (its "CPU-only AOT" guide: compute capability 8.0,
 # 8.6, 8.9, 12.0 "and later"); its 1.7.1 ComputeCapability enum has no SM90 (Hopper).
 RTX_DEFAULT_TARGETS = ("8.0", "8.6", "8.9", "12.0")
@@ -167,73 +159,11 @@ def attention_ops(config: BuildConfig | None, sliding_window: int | None) -> str
     return choice
 
 
-def tensorrt_passes(dims: ModelDims, inputs: PassInputs | None = None) -> list[EnginePass]:
-    from enginesmith.passes.cleanup import CleanupPass
-    from enginesmith.passes.convert_float import ConvertFloatPass
-    from enginesmith.passes.fuse_attention import FuseAttentionPass
-    from enginesmith.plugins.flash_attention.tensorrt import LowerFlashAttentionToTensorRT
-
-    config = inputs.config if inputs else None
-    max_seq_len = config.max_seq_len if config is not None else 2048
-    max_num_tokens = config.max_num_tokens if config is not None else 512
-    passes: list[EnginePass] = [
-        # Attention first: it needs the exporter's Concat/Expand cache chain intact.
-        FuseAttentionPass(dims.num_heads, dims.num_kv_heads, dims.head_dim, dims.sliding_window),
-        # The causal-mask and Concat chains are now dead; fold and collapse what is left.
-        CleanupPass(),
-    ]
-    if config is not None and config.kv_heads is not None:
-        from enginesmith.compiler.pipeline import _collapse_kv_heads
-
-        # [kv-collapse] On the backend-neutral plugin op, before lowering.
-        passes.append(_collapse_kv_heads(dims, config, inputs))
-    passes += [
-        # Backend lowering after every backend-neutral pass; the cache gets its static capacity.
-        LowerFlashAttentionToTensorRT(
-            attention_ops(config, dims.sliding_window),
-            kv_cache_capacity(max_seq_len, max_num_tokens),
-        ),
-        # Last: every float tensor the passes above created is converted with the weights.
-        ConvertFloatPass(gpu_dtype(config)),
-    ]
-    return passes
-
-
 def gpu_dtype(config: BuildConfig | None) -> str:
     return (config.dtype if config is not None else None) or "float16"
 
 
 # -- TensorRT -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class TensorRT:
-    """The importable TensorRT flavour: `module` is the Python module, `name` its family."""
-
-    module: Any
-    name: str  # "tensorrt" or "tensorrt_rtx"
-    version: str
-
-    @property
-    def rtx(self) -> bool:
-        return self.name == "tensorrt_rtx"
-
-
-def find_tensorrt(names: tuple[str, ...] = _TRT_MODULES) -> TensorRT:
-    """Import TensorRT (full, then TensorRT-RTX); one-line error naming the install if none."""
-    failures = []
-    for name in names:
-        try:
-            module = importlib.import_module(name)
-        except ImportError as exc:
-            failures.append(f"{name}: {exc}")
-            continue
-        family = "tensorrt" if name == "tensorrt" else "tensorrt_rtx"
-        return TensorRT(module, family, str(getattr(module, "__version__", "unknown")))
-    raise BackendUnavailableError(
-        f"the tensorrt backend needs TensorRT, which is not installed: {INSTALL_HINT}; or pass "
-        "--onnx-only to write only the TensorRT-ready ONNX graph"
-    )
 
 
 def check_build_environment(config: BuildConfig) -> None:

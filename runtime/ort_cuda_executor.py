@@ -1,4 +1,4 @@
-"""ONNX Runtime CUDA engine session (--backend onnxruntime-gpu): the EngineSession interface over
+"""ONNX Runtime CUDA engine session (--backend onnxruntime-gpu): the OrtCpuExecutor interface over
 the TensorRT-ready graph's standard-op form (TensorScatter + Attention), run by the CUDA
 execution provider.
 
@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.compiler.errors import BackendUnavailableError
-from enginesmith.runtime.sessions import (
+from enginesmith.runtime.errors import BackendUnavailableError
+from enginesmith.runtime.executor import (
     bind_step_inputs,
     check_slot_range,
     step_in_chunks,
@@ -41,7 +41,7 @@ def _cuda_ort() -> Any:
     return onnxruntime
 
 
-class OrtCudaSession:
+class OrtCudaExecutor:
     """Runs steps of an onnxruntime-gpu engine directory over its device-side KV slots."""
 
     def __init__(self, engine_dir: Path, manifest: dict[str, Any], device_id: int = 0) -> None:

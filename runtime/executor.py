@@ -1,53 +1,45 @@
-"""Pick the engine session for an engine directory's backend, and what all sessions share
-(`step` inputs, slot checks, warm-up, steps wider than an engine allows)."""
+"""The executor interface: what every backend's engine runner implements, and what they share
+(`step` inputs, slot checks, warm-up, steps wider than an engine allows).
+
+An executor runs one engine step over the engine's KV slots: rows are slots, each row with its
+own cached length and number of new tokens (0 = idle), the cache updated in place. Prefill,
+chunked prefill, decode and multi-token verification are the same call with different token
+counts. `runtime/executors.py` picks the implementation from the manifest.
+"""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from enginesmith.compiler.errors import BackendUnavailableError
 
-SESSION_BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
+class Executor(Protocol):
+    """One engine's step runner over its slot-based KV cache (ONNX Runtime CPU or CUDA,
+    TensorRT)."""
 
+    max_batch: int  # KV slots
+    max_seq_len: int  # tokens one slot holds
+    vocab_size: int
 
-def open_session(
-    engine_dir: Path,
-    manifest: dict[str, Any],
-    threads: int | None = None,
-    spin_wait: bool = True,
-    decode_kernels: bool | None = None,
-) -> Any:
-    """The session for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT
-    (DECODE_KERNELS: see EngineSession; GPU sessions have none)."""
-    backend = manifest.get("backend")
-    if backend == "onnxruntime":
-        from enginesmith.runtime.session import EngineSession
+    def warmup(self) -> None:
+        """Run idle steps of each shape so that first-call costs stay out of request timings."""
+        ...
 
-        return EngineSession(
-            engine_dir,
-            manifest,
-            threads=threads,
-            spin_wait=spin_wait,
-            decode_kernels=decode_kernels,
-        )
-    if backend == "onnxruntime-gpu":
-        from enginesmith.runtime.ort_cuda_session import OrtCudaSession
-
-        return OrtCudaSession(engine_dir, manifest)
-    if backend == "tensorrt":
-        from enginesmith.runtime.trt_session import TensorRTSession
-
-        return TensorRTSession(engine_dir, manifest)
-    raise BackendUnavailableError(
-        f"{engine_dir}: backend {backend!r} is not supported by this runtime; rebuild with "
-        f"--backend one of {', '.join(SESSION_BACKENDS)}"
-    )
+    def step(
+        self,
+        start: int,
+        input_ids: np.ndarray,  # [n, S] int64, right-padded
+        position_ids: np.ndarray,  # [n, S] int64
+        seqlens_k: np.ndarray,  # [n] int32: tokens in the slot after this step - 1
+        query_seqlens: np.ndarray,  # [n] int32: valid new tokens per row (0 = idle)
+        logits_indices: np.ndarray,  # [m] int64: flat row * S + s positions that need logits
+    ) -> np.ndarray:
+        """Run slots [start, start + n); return logits [m, vocab] (float32)."""
+        ...
 
 
-# The step inputs every session takes besides the caches, with their dtypes.
+# The step inputs every executor takes besides the caches, with their dtypes.
 STEP_INPUTS = (
     ("input_ids", np.int64),  # [n, S], right-padded
     ("position_ids", np.int64),  # [n, S]

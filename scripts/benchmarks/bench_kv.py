@@ -37,7 +37,12 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import bench_main, command_line, format_table, machine_info
+from enginesmith.scripts.benchmarks.bench import (
+    bench_main,
+    command_line,
+    format_table,
+    machine_info,
+)
 
 SMOLLM2 = "smollm2-135m"
 MHA_MODELS = ("mha-random", "mha-clustered")
@@ -135,9 +140,9 @@ def build_variant(
     variant: Variant, source: str, engine_dir: Path, batch: int, context: int, rebuild: bool
 ) -> dict[str, Any]:
     """Build (or reuse) the engine; return its manifest and build report."""
-    from enginesmith.compiler.artifact import read_manifest
     from enginesmith.compiler.config import BuildConfig
-    from enginesmith.runtime.bench import cached_engine
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.scripts.benchmarks.bench import cached_engine
 
     log(f"{variant.model} {variant.label}: {engine_dir}")
     config = BuildConfig(
@@ -166,10 +171,10 @@ def engine_quality(engine_dir: Path, ids: list[int], reference: np.ndarray) -> d
     """Perplexity of the engine on IDS and how far its next-token distributions are from the
     original fp32 model's (REFERENCE logits): top-1 agreement and mean KL(original || engine)."""
     from enginesmith.compiler import quality
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.session import EngineSession
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
-    session = EngineSession(engine_dir, read_manifest(engine_dir, verify_hashes=False))
+    session = OrtCpuExecutor(engine_dir, read_manifest(engine_dir, verify_hashes=False))
     ours = quality.engine_logits(session, ids)
     ref_lp, our_lp = log_softmax(reference), log_softmax(ours)
     kl = float((np.exp(ref_lp) * (ref_lp - our_lp)).sum(-1).mean())
@@ -187,11 +192,11 @@ def decode_speed(
 ) -> dict[str, Any]:
     """Greedy decode of BATCH rows at a len(prompt_ids)-token context: tokens/s of the timed
     engine steps, per run (the first run is a warm-up)."""
-    from enginesmith.compiler.artifact import read_manifest
-    from enginesmith.runtime.session import EngineSession
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
     manifest = read_manifest(engine_dir, verify_hashes=False)
-    session = EngineSession(engine_dir, manifest)
+    session = OrtCpuExecutor(engine_dir, manifest)
     session.warmup()
     chunk = 512
     n = len(prompt_ids)
@@ -505,7 +510,7 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `scripts/bench-kv` and `python -m enginesmith.runtime.bench_kv`."""
+    """Entry point of `scripts/bench-kv` and `python -m enginesmith.scripts.benchmarks.bench_kv`."""
     return bench_main(argv, build_parser(), _check_args, run, render, "kv")
 
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import (
+from enginesmith.scripts.benchmarks.bench import (
     DEFAULT_MODEL,
     bench_main,
     command_line,
@@ -73,16 +73,16 @@ def log(msg: str) -> None:
 
 def engine_dir(root: Path, mode: str, block_size: int) -> Path:
     if mode == "fp32":
-        return default_engine_dir()  # the engine `enginesmith bench` uses
+        return default_engine_dir()  # the engine `scripts/bench` uses
     return root / f"{DEFAULT_MODEL}-{mode}-b{block_size}"
 
 
 def ensure_engine(path: Path, mode: str, block_size: int, rebuild: bool) -> Path:
     """PATH, (re)built from the SmolLM2 preset when missing, stale or when REBUILD."""
     from enginesmith.compiler.config import BuildConfig
-    from enginesmith.runtime.bench import cached_engine
+    from enginesmith.scripts.benchmarks.bench import cached_engine
 
-    if mode == "fp32":  # the engine `enginesmith bench` uses: its settings exactly
+    if mode == "fp32":  # the engine `scripts/bench` uses: its settings exactly
         config = BuildConfig(model=DEFAULT_MODEL, output=path)
     else:
         config = BuildConfig(model=DEFAULT_MODEL, output=path, quantize=mode, block_size=block_size)
@@ -145,7 +145,7 @@ def gguf_weights(path: Path) -> GraphWeights:
 
 
 def _llama_cpp() -> Any:
-    from enginesmith.compiler.errors import BackendUnavailableError
+    from enginesmith.runtime.errors import BackendUnavailableError
 
     try:
         import llama_cpp
@@ -272,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="where the int8/int4 engines are (built if missing; default: <cache>/engines; "
-        "the fp32 engine is <cache>/engines/smollm2-135m-bench, shared with `enginesmith bench`)",
+        "the fp32 engine is <cache>/engines/smollm2-135m-bench, shared with `scripts/bench`)",
     )
     p.add_argument(
         "--rebuild",
@@ -403,7 +403,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             if len(ids) > llm.max_seq_len:
                 raise RuntimeError(f"--ppl-tokens {len(ids)} exceeds the {m} engine's capacity")
             ppl[f"enginesmith {m}"] = quality.perplexity(
-                quality.engine_logits(llm.session, ids), ids
+                quality.engine_logits(llm.executor, ids), ids
             )
         if peer is not None and "transformers" not in args.skip:
             logits = quality.reference_logits_chunked(peer.model, ids)
@@ -556,7 +556,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `scripts/bench-quant` and `python -m enginesmith.runtime.bench_quant`."""
+    """Entry point of `scripts/bench-quant` and `python -m enginesmith.scripts.benchmarks.bench_quant`."""
     return bench_main(argv, build_parser(), _check_args, run, render, "quant")
 
 

@@ -1,4 +1,4 @@
-"""`enginesmith bench`: prefill and decode speed of an engine vs Hugging Face transformers.
+"""`scripts/bench`: prefill and decode speed of an engine vs Hugging Face transformers.
 
 One run measures, on the same machine and the same token ids:
 
@@ -9,13 +9,10 @@ One run measures, on the same machine and the same token ids:
 * the memory-bandwidth bound of decode: read-only bandwidth measured here, divided by the
   bytes one decoded token has to read: every weight once, and the keys and values of the
   tokens it attends over (a line gives our decode against the weights alone too);
-* the same prefill and decode on the model's *unfused* export (runtime/unfused_baseline.py):
+* the same prefill and decode on the model's *unfused* export (scripts/benchmarks/unfused_baseline.py):
   what the compiler's fusions buy over ONNX Runtime's own optimizations on the same weights;
-* the MatMul floor (runtime/matmul_floor.py): the engine's weight MatMuls alone, chained, on
+* the MatMul floor (scripts/benchmarks/matmul_floor.py): the engine's weight MatMuls alone, chained, on
   ONNX Runtime's kernels: the fastest decode ONNX Runtime's kernels allow;
-* ours decodes on the compiled CPU decode kernels (runtime/decode_kernels.py; the runtime's
-  default); the same engine with its decode steps on ONNX Runtime (`LLM(...,
-  decode_kernels=False)`) is measured beside it, when the kernels take the engine.
 
 Every measurement is repeated --runs times after one warm-up, ours, unfused and transformers'
 interleaved in each repetition so that machine noise hits all of them. The table goes to stdout, the
@@ -40,13 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from enginesmith.runtime.core_handoff import (
-    SHARED_L3_MAX_NS,
-    by_placement,
-    core_handoff_ns,
-)
-from enginesmith.runtime.huge_pages import huge_page_empty
 
 DEFAULT_MODEL = "smollm2-135m"
 DECODE_PROMPT_TOKENS = 512  # prompt before decode: a realistic attention length
@@ -145,29 +135,6 @@ def steady_fractions(
         if high > 0 and min(before, after) >= (1 - tolerance) * high:
             fractions.append(decode / bound_tokens_per_s(high, bytes_per_token))
     return fractions
-
-
-def steady_fractions_by_placement(
-    decode_tokens_per_s: Sequence[float],
-    brackets: Sequence[tuple[float, float]],
-    handoffs: Sequence[tuple[float | None, float | None]],
-    bytes_per_token: int,
-) -> dict[str, dict[str, Any]]:
-    """The steady fractions (steady_fractions) split by where the host had put the two cores
-    through the decode (core_handoff.placement of the handoffs measured just before and just
-    after it). A repetition whose two handoffs disagree (the host moved a core) counts in
-    neither."""
-    out: dict[str, dict[str, Any]] = {}
-    for label, runs in by_placement(handoffs).items():
-        held = steady_fractions(
-            [decode_tokens_per_s[i] for i in runs], [brackets[i] for i in runs], bytes_per_token
-        )
-        out[label] = {
-            "runs": len(runs),
-            "steady_runs": len(held),
-            "decode_fraction_of_steady_bound": summarize(held) if held else None,
-        }
-    return out
 
 
 def best_bandwidth(samples: dict[str, list[float]]) -> tuple[str, float]:
@@ -338,11 +305,8 @@ def torch_weight_bytes(model: Any) -> WeightBytes:
 def _bandwidth_array(nbytes: int) -> np.ndarray:
     """The array the bandwidth passes read, written once so every page is resident, and kept
     for the whole process: a GiB freed just before a decode stalled some of its calls for
-    tens of ms on this VM (scripts/decode_call_stalls.py --free-mb 1024, docs/benchmarks.md),
-    and the bench samples bandwidth right before its decodes. On huge pages, as the weights
-    and KV caches the decode step reads are (runtime/huge_pages.py): the bound gets the same
-    page size the step has."""
-    data = huge_page_empty((nbytes // 4,), np.float32)
+    tens of ms on this VM, and the bench samples bandwidth right before its decodes."""
+    data = np.empty((nbytes // 4,), np.float32)
     data.fill(1.0)
     return data
 
@@ -504,7 +468,7 @@ def cached_engine(config: Any, rebuild: bool = False, check_stale: bool = True) 
     import dataclasses
 
     from enginesmith.compiler.artifact import stale_reason
-    from enginesmith.compiler.errors import EngineDirError
+    from enginesmith.runtime.errors import EngineDirError
 
     path = config.output.expanduser()
     if path.exists() and not (path / "manifest.json").is_file():
@@ -573,7 +537,7 @@ def _cpu_model() -> str | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="enginesmith bench",
+        prog="scripts/bench",
         description=(
             "Benchmark prefill and batch-1 decode of an engine against Hugging Face transformers "
             "on the same weights, and decode against the memory-bandwidth bound (the weights and "
@@ -659,7 +623,7 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     """Every measurement of one benchmark run, as the JSON-able result dict."""
     from enginesmith.compiler.config import BuildConfig
-    from enginesmith.compiler.errors import InvalidRequestError
+    from enginesmith.runtime.errors import InvalidRequestError
     from enginesmith.runtime.llm import LLM
 
     engine_dir = cached_engine(
@@ -668,14 +632,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     )
     bandwidth = {"before": measure_bandwidth()}  # before any model takes memory or cache
 
-    log(f"loading engine {engine_dir} (decode steps on the compiled CPU decode kernels)")
-    llm = LLM(engine_dir, decode_kernels=True)  # batch-1 decode: the kernels' case
-    ort_steps = None
-    if llm.session.decoder is None:
-        log(f"no decode kernels for this engine ({llm.session.decoder_unavailable})")
-    else:
-        log("loading the same engine with its decode steps on onnxruntime")
-        ort_steps = LLM(engine_dir, verify_files=False, decode_kernels=False)
+    log(f"loading engine {engine_dir}")
+    llm = LLM(engine_dir)
     max_seq = llm.max_seq_len
     if args.prefill_tokens >= max_seq or args.decode_prompt_tokens + args.decode_tokens >= max_seq:
         raise InvalidRequestError(
@@ -697,12 +655,15 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     unfused = None
     if not args.skip_unfused:
         from enginesmith.compiler.presets import cache_dir
-        from enginesmith.runtime.unfused_baseline import UnfusedRunner, ensure_unfused_export
+        from enginesmith.scripts.benchmarks.unfused_baseline import (
+            UnfusedRunner,
+            ensure_unfused_export,
+        )
 
         default_dir = cache_dir() / "engines" / f"{Path(str(source)).name}-unfused"
         unfused = UnfusedRunner(ensure_unfused_export(source, args.unfused_dir or default_dir, log))
 
-    from enginesmith.runtime.matmul_floor import MatMulFloor, weight_matmul_shapes
+    from enginesmith.scripts.benchmarks.matmul_floor import MatMulFloor, weight_matmul_shapes
 
     floor_shapes = weight_matmul_shapes(engine_dir / llm.manifest["files_by_role"]["model"])
     floor = MatMulFloor(floor_shapes) if floor_shapes else None
@@ -717,8 +678,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
 
     # Keys and values per cached token of each implementation's cache (the bound's KV part).
     kv_cached = {"ours": int(llm.manifest["kv_cache"]["bytes_per_token"])}
-    if ort_steps is not None:
-        kv_cached["ours_ort_steps"] = kv_cached["ours"]
     if unfused is not None:
         kv_cached["unfused"] = unfused.kv_bytes_per_cached_token
     if peer is not None:
@@ -735,11 +694,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "unfused_prefill": [],
         "unfused_decode": [],
         "matmul_floor_decode": [],
-        "ours_ort_steps_decode": [],
     }
     last: dict[str, Any] = {}
     brackets: list[tuple[float, float]] = []  # (before, after) our decodes, bytes/s
-    handoffs: list[tuple[float | None, float | None]] = []  # (before, after) our decodes, ns
     for rep in range(args.runs + 1):
         label = "warm-up" if rep == 0 else f"run {rep}/{args.runs}"
         log(f"{label}: prefill {len(prefill_ids)} tokens, decode {args.decode_tokens} tokens")
@@ -748,15 +705,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         p_unfused = unfused.prefill(prefill_ids) if unfused else None
         p_peer = peer_prefill(peer.model, prefill_ids) if peer else None
         # Our decodes (~5 s) between two bandwidth samples: which level they ran at.
-        # And the core handoff on each side: where the host had put the two cores.
-        handoff_before = core_handoff_ns()
         before = read_bandwidth()
         d_ours = ours_decode(llm, decode_prompt, args.decode_tokens)
-        d_ort_steps = (
-            ours_decode(ort_steps, decode_prompt, args.decode_tokens) if ort_steps else None
-        )
         after = read_bandwidth()
-        handoff_after = core_handoff_ns()
         d_unfused = unfused.decode(decode_ids, args.decode_tokens) if unfused else None
         d_floor = floor.tokens_per_s() if floor else None
         d_peer = (
@@ -768,7 +719,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             "ours": d_ours,
             "transformers": d_peer,
             "unfused": d_unfused,
-            "ours_ort_steps": d_ort_steps,
         }
         if rep == 0:
             continue
@@ -776,7 +726,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         # every repetition shows how contended each one was (the bound uses the best pass).
         bandwidth[f"run {rep}"] = measure_bandwidth(reps=BANDWIDTH_REPS // 2)
         brackets.append((before, after))
-        handoffs.append((handoff_before, handoff_after))
         samples["ours_prefill"].append(p_ours)
         samples["ours_decode"].append(d_ours["wall_tokens_per_s"])
         samples["ours_decode_step_only"].append(d_ours["step_tokens_per_s"])
@@ -787,8 +736,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             samples["transformers_decode"].append(d_peer["wall_tokens_per_s"])
         if d_floor is not None:
             samples["matmul_floor_decode"].append(d_floor)
-        if d_ort_steps is not None:
-            samples["ours_ort_steps_decode"].append(d_ort_steps["wall_tokens_per_s"])
         if p_unfused is not None and d_unfused is not None:
             samples["unfused_prefill"].append(p_unfused)
             samples["unfused_decode"].append(d_unfused["wall_tokens_per_s"])
@@ -806,7 +753,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         last,
         bandwidth,
         brackets,
-        handoffs,
         kv_cached,
     )
 
@@ -823,7 +769,6 @@ def _results(
     last: dict[str, Any],
     bandwidth: dict[str, Any],
     brackets: list[tuple[float, float]],
-    handoffs: list[tuple[float | None, float | None]],
     kv_cached: dict[str, int],
 ) -> dict[str, Any]:
     """Summaries, ratios and the bandwidth bound from the raw samples."""
@@ -840,8 +785,6 @@ def _results(
         weights["unfused"] = weights["ours"]  # the same fp32 weights, before packing
     if samples.get("matmul_floor_decode"):
         weights["matmul_floor"] = weights["ours"]  # the same shapes (random values)
-    if samples.get("ours_ort_steps_decode"):
-        weights["ours_ort_steps"] = weights["ours"]  # the same engine
     # The host's bandwidth flips between levels: each repetition against the bandwidth sampled
     # right after it, besides the conservative best-pass bound.
     run_bw = [
@@ -875,7 +818,7 @@ def _results(
         return out
 
     impl = {}
-    for name in ("ours", "ours_ort_steps", "unfused", "matmul_floor", "transformers"):
+    for name in ("ours", "unfused", "matmul_floor", "transformers"):
         if name not in weights:
             continue
         # The MatMul floor reads weights only; a decode also reads its KV cache.
@@ -884,7 +827,7 @@ def _results(
         )
         total = weights[name].per_token + kv
         decodes = samples.get(f"{name}_decode", [])
-        bracketed = name in ("ours", "ours_ort_steps")
+        bracketed = name == "ours"
         impl[name] = {
             "prefill_tokens_per_s": summary.get(f"{name}_prefill"),
             "decode_tokens_per_s": summary.get(f"{name}_decode"),
@@ -901,9 +844,6 @@ def _results(
             "weights_only": fractions(decodes, weights[name].per_token, bracketed),
         }
     impl["ours"]["decode_step_only_tokens_per_s"] = summary.get("ours_decode_step_only")
-    impl["ours"]["decode_steady_by_placement"] = steady_fractions_by_placement(
-        samples["ours_decode"], brackets, handoffs, impl["ours"]["bytes_per_token"]
-    )
     # Host time per token between the engine's decode calls, per repetition.
     host_ms = [
         1e3 / wall - 1e3 / step
@@ -921,7 +861,6 @@ def _results(
         }
     peer_tokens = last["transformers"]["token_ids"] if last.get("transformers") else None
     unfused_tokens = last["unfused"]["token_ids"] if last.get("unfused") else None
-    ort_steps_tokens = last["ours_ort_steps"]["token_ids"] if last.get("ours_ort_steps") else None
     return {
         "benchmark": "decode-prefill-vs-transformers",
         "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -939,11 +878,6 @@ def _results(
             "decode_prompt_tokens": len(decode_ids),
             "unfused": "plain ONNX export, ORT_ENABLE_ALL, Concat KV cache fed back each step",
             "matmul_floor": "the engine's weight MatMul shapes alone, chained; median of 64 steps",
-            "ours_decode_steps": (
-                "compiled CPU decode kernels"
-                if samples.get("ours_ort_steps_decode")
-                else "onnxruntime (no decode kernels)"
-            ),
             "decode_tokens": args.decode_tokens,
             "prompt_source": "pydoc_data.topics, sorted keys",
             "ours_prefill_timing": "stats.prefill_tokens_per_s (engine calls of the prompt)",
@@ -959,8 +893,6 @@ def _results(
             },
             "phases": bandwidth,
             "decode_brackets_bytes_per_s": brackets,
-            "decode_brackets_core_handoff_ns": handoffs,
-            "shared_l3_max_ns": SHARED_L3_MAX_NS,
             "steady_tolerance": STEADY_TOLERANCE,
         },
         "implementations": impl,
@@ -972,8 +904,6 @@ def _results(
             "fused_vs_unfused_prefill": ratio(med("ours_prefill"), med("unfused_prefill")),
             "fused_vs_unfused_decode": ratio(med("ours_decode"), med("unfused_decode")),
             "fused_vs_matmul_floor_decode": ratio(med("ours_decode"), med("matmul_floor_decode")),
-            "kernels_vs_ort_steps_decode": ratio(med("ours_decode"), med("ours_ort_steps_decode")),
-            "ort_steps_decode": ratio(med("ours_ort_steps_decode"), med("transformers_decode")),
         },
         "greedy_agreement": {
             "tokens_compared": args.decode_tokens,
@@ -983,11 +913,6 @@ def _results(
             "unfused_common_prefix": (
                 common_prefix_len(unfused_tokens, peer_tokens)
                 if peer_tokens and unfused_tokens
-                else None
-            ),
-            "ort_steps_common_prefix": (
-                common_prefix_len(ort_steps_tokens, peer_tokens)
-                if peer_tokens and ort_steps_tokens
                 else None
             ),
         },
@@ -1011,10 +936,8 @@ def render(result: dict[str, Any]) -> str:
         "% of bound",
         "% of same-run bound",
     ]
-    kernels = result["implementations"].get("ours_ort_steps") is not None
     labels = {
-        "ours": "enginesmith (fused, decode kernels)" if kernels else "enginesmith (fused)",
-        "ours_ort_steps": "enginesmith (fused, onnxruntime decode)",
+        "ours": "enginesmith (fused)",
         "unfused": "unfused export (onnxruntime)",
         "matmul_floor": "MatMul floor (weights only)",
         "transformers": "transformers (torch)",
@@ -1027,7 +950,6 @@ def render(result: dict[str, Any]) -> str:
         same_run = impl.get("decode_fraction_of_same_run_bound")
         prefill_vs, decode_vs = {
             "ours": (r["prefill"], r["decode"]),
-            "ours_ort_steps": (None, r.get("ort_steps_decode")),
             "unfused": (r.get("unfused_prefill"), r.get("unfused_decode")),
             "matmul_floor": (None, None),
             "transformers": (1.0 if peer else None, 1.0 if peer else None),
@@ -1082,39 +1004,13 @@ def render(result: dict[str, Any]) -> str:
         )
     steady = ours.get("decode_fraction_of_steady_bound")
     if "steady_runs" in ours:
-        alt = result["implementations"].get("ours_ort_steps") or {}
-        alt_steady = alt.get("decode_fraction_of_steady_bound")
         lines.append(
             f"runs whose bandwidth held through our decodes (passes just before and after within "
             f"{bw.get('steady_tolerance', STEADY_TOLERANCE):.0%}): {ours['steady_runs']} of "
             f"{s['runs']}; decode at that bound: "
             + (f"{format_cell(_percent_summary(steady))}%" if steady else "-")
-            + (
-                f" (onnxruntime decode {format_cell(_percent_summary(alt_steady))}%)"
-                if alt_steady
-                else ""
-            )
-        )
-    if placed := ours.get("decode_steady_by_placement"):
-        lines.append(
-            "the same by where the host had put the two cores (core handoff before and after, "
-            "scripts/core_handoff.py): "
-            + "; ".join(
-                f"{label}: {p['steady_runs']} of {p['runs']} runs steady, "
-                + (
-                    f"{format_cell(_percent_summary(p['decode_fraction_of_steady_bound']))}%"
-                    if p["decode_fraction_of_steady_bound"]
-                    else "-"
-                )
-                for label, p in placed.items()
-            )
         )
     lines.append(_weights_only_line(result))
-    if r.get("kernels_vs_ort_steps_decode") is not None:
-        lines.append(
-            "decode kernels vs onnxruntime decode steps (same engine): "
-            f"{format_ratio(r['kernels_vs_ort_steps_decode'])}"
-        )
     if r.get("fused_vs_unfused_decode") is not None:
         lines.append(
             f"fused vs unfused export: prefill {format_ratio(r['fused_vs_unfused_prefill'])}, "
@@ -1130,12 +1026,6 @@ def render(result: dict[str, Any]) -> str:
             f"unfused export's greedy tokens identical to transformers: first {unfused_agree} "
             f"of {s['decode_tokens']}"
         )
-    ort_agree = result["greedy_agreement"].get("ort_steps_common_prefix")
-    if ort_agree is not None:
-        lines.append(
-            f"onnxruntime decode steps' greedy tokens identical to transformers: first {ort_agree} "
-            f"of {s['decode_tokens']}"
-        )
     return "\n".join(lines)
 
 
@@ -1147,12 +1037,6 @@ def _weights_only_line(result: dict[str, Any]) -> str:
     if w.get("decode_fraction_of_steady_bound"):
         parts.append(
             f"{format_cell(_percent_summary(w['decode_fraction_of_steady_bound']))}% steady"
-        )
-    alt = (result["implementations"].get("ours_ort_steps") or {}).get("weights_only", {})
-    if alt.get("decode_fraction_of_steady_bound"):
-        parts.append(
-            f"onnxruntime decode {format_cell(_percent_summary(alt['decode_fraction_of_steady_bound']))}"
-            "% steady"
         )
     return (
         f"against the weights alone ({ours['weights']['bytes_per_token'] / 1e6:.1f} MB, bound "
@@ -1190,7 +1074,7 @@ def bench_main(
     prefix: str,
 ) -> int:
     """Shared entry point of the benchmark scripts: parse, check, run, save JSON, print."""
-    from enginesmith.compiler.errors import EnginesmithError
+    from enginesmith.runtime.errors import EnginesmithError
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
@@ -1207,7 +1091,7 @@ def bench_main(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of `enginesmith bench` and `python -m enginesmith.runtime.bench`."""
+    """Entry point of `scripts/bench` and `python -m enginesmith.scripts.benchmarks.bench`."""
     return bench_main(argv, build_parser(), _check_args, run, render, "decode")
 
 

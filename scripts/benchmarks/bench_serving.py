@@ -1,4 +1,4 @@
-"""`enginesmith bench --serving`: serving throughput and latency of one engine under three
+"""`scripts/bench --serving`: serving throughput and latency of one engine under three
 policies, side by side in one run, on the same requests:
 
 * sequential: one request at a time, in arrival order;
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.runtime.bench import (
+from enginesmith.scripts.benchmarks.bench import (
     command_line,
     format_table,
     log,
@@ -118,7 +118,7 @@ def run_static(llm: Any, w: Workload, params: list[Any]) -> tuple[list[Any], lis
         _wait_until(arrivals[next_i])  # idle until at least one request is there
         now = time.perf_counter()
         batch = [i for i in range(next_i, len(w.prompts)) if arrivals[i] <= now][
-            : llm.session.max_batch
+            : llm.executor.max_batch
         ]
         results = llm.generate([w.prompts[i] for i in batch], [params[i] for i in batch])
         for i, out in zip(batch, results, strict=True):
@@ -153,7 +153,7 @@ def default_engine_dir() -> Path:
 
 def ensure_engine(engine_dir: Path, max_batch: int, check_stale: bool = True) -> Path:
     from enginesmith.compiler.config import BuildConfig
-    from enginesmith.runtime.bench import cached_engine
+    from enginesmith.scripts.benchmarks.bench import cached_engine
 
     config = BuildConfig(
         model="smollm2-135m",
@@ -167,7 +167,7 @@ def ensure_engine(engine_dir: Path, max_batch: int, check_stale: bool = True) ->
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="enginesmith bench --serving",
+        prog="scripts/bench --serving",
         description="Serving benchmark: sequential vs static batching vs in-flight batching, in one run.",
     )
     p.add_argument(
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
             ]
         )
     header = (
-        f"engine {engine} (max batch {llm.session.max_batch}, {llm.manifest.get('max_num_tokens')} tokens/step)\n"
+        f"engine {engine} (max batch {llm.executor.max_batch}, {llm.manifest.get('max_num_tokens')} tokens/step)\n"
         f"{len(w.prompts)} requests, Poisson {args.rate}/s, prompts mean {np.mean(prompt_lens):.0f} tokens, "
         f"outputs mean {np.mean(w.output_tokens):.0f} tokens (greedy)\n"
     )

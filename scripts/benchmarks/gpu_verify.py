@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.compiler.errors import EnginesmithError
+from enginesmith.runtime.errors import EnginesmithError
 
 PROMPTS = (
     "The three primary colors are",
@@ -61,8 +61,8 @@ def _step(results: dict[str, Any], name: str, fn: Callable[[], Any]) -> Any:
 
 
 def environment() -> dict[str, Any]:
-    from enginesmith.compiler.backends.tensorrt import find_tensorrt
     from enginesmith.runtime import cuda
+    from enginesmith.runtime.tensorrt_lib import find_tensorrt
 
     env: dict[str, Any] = {"gpus": cuda.device_count()}
     if env["gpus"]:
@@ -186,8 +186,8 @@ class AliasedTrtRunner:
         from polygraphy.backend.base import BaseRunner
         from polygraphy.common import TensorMetadata
 
-        from enginesmith.compiler.backends.tensorrt import find_tensorrt
         from enginesmith.runtime import cuda
+        from enginesmith.runtime.tensorrt_lib import find_tensorrt
 
         class Runner(BaseRunner):  # type: ignore[misc]
             def activate_impl(self) -> None:
@@ -249,7 +249,7 @@ def polygraphy_compare(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
     from polygraphy.comparator import Comparator, CompareFunc
 
-    from enginesmith.compiler.artifact import read_manifest
+    from enginesmith.runtime.engine_dir import read_manifest
 
     reference_dir = root / "trt-onnxops"
     manifest = read_manifest(reference_dir)
@@ -356,7 +356,7 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         os.environ.update(env)
         try:
             llm = LLM(engine_dir)
-            vocab = llm.session.vocab_size
+            vocab = llm.executor.vocab_size
             ids = rng.integers(3, vocab, (1, prompt_len))
             zero = np.zeros(1, np.int32)
 
@@ -368,10 +368,10 @@ def bench(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 zero + prompt_len,
                 np.array([prompt_len - 1]),
             )
-            llm.session.step(*prefill_args)  # warm-up
+            llm.executor.step(*prefill_args)  # warm-up
             start = time.perf_counter()
             for _ in range(5):
-                llm.session.step(*prefill_args)
+                llm.executor.step(*prefill_args)
             prefill = 5 * prompt_len / (time.perf_counter() - start)
             params = SamplingParams(max_tokens=args.tokens, ignore_eos=True)
             one = llm.generate(PROMPTS[0], params)[0]

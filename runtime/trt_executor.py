@@ -1,4 +1,4 @@
-"""TensorRT engine session: the EngineSession interface (`step`, `warmup`) over a model.plan.
+"""TensorRT engine session: the OrtCpuExecutor interface (`step`, `warmup`) over a model.plan.
 
 Device memory is allocated once: one KV buffer per layer and kind, [max_batch, kv_heads,
 capacity, head_dim] fp16/bf16, plus input and logits buffers sized for the largest step. A step
@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from enginesmith.compiler.errors import BackendUnavailableError, EngineDirError
-from enginesmith.runtime.sessions import (
+from enginesmith.runtime.errors import BackendUnavailableError, EngineDirError
+from enginesmith.runtime.executor import (
     check_slot_range,
     step_arrays,
     step_in_chunks,
@@ -82,14 +82,14 @@ def engine_incompatibility(
     return None
 
 
-class TensorRTSession:
+class TensorRTExecutor:
     """Runs steps of a TensorRT engine directory over its in-place, slot-based KV cache."""
 
     def __init__(
         self, engine_dir: Path, manifest: dict[str, Any], cuda_graphs: bool | None = None
     ) -> None:
-        from enginesmith.compiler.backends.tensorrt import INSTALL_HINT, find_tensorrt
         from enginesmith.runtime import cuda
+        from enginesmith.runtime.tensorrt_lib import INSTALL_HINT, find_tensorrt
 
         entry = manifest.get("tensorrt") or {}
         if not entry.get("plan"):
