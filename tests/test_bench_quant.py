@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from enginesmith.scripts.benchmarks import bench_quant
 from enginesmith.runtime.engine_dir import read_manifest
+from enginesmith.scripts.benchmarks import bench_quant
 from tests.cli_help import assert_help_explains_every_flag
 
 
