@@ -363,6 +363,28 @@ def test_render_without_transformers() -> None:
     assert "identical to transformers" not in out
 
 
+def test_render_reports_the_memory_the_engine_load_added() -> None:
+    result = _result(with_peer=False)
+    result["memory"] = {
+        "rss_added_by_engine_load_bytes": 900 * 2**20,
+        "weight_bytes_on_disk": 514 * 2**20,
+        "kv_cache_bytes": 360 * 2**20,
+    }
+    out = bench.render(result)
+    assert (
+        "memory added by loading the engine (RSS): 900 MiB (weights 514 MiB on disk, KV slots "
+        "360 MiB)" in out
+    )
+
+
+def test_rss_bytes_grows_with_a_resident_array() -> None:
+    before = bench.rss_bytes()
+    block = np.ones(64 << 18, np.float32)  # 64 MiB, every page written
+    grown = bench.rss_bytes() - before
+    assert 48 << 20 < grown < 96 << 20, grown
+    del block
+
+
 # --- command line ---------------------------------------------------------------------------------
 
 

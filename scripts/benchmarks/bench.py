@@ -505,6 +505,17 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def rss_bytes() -> int:
+    """This process's resident memory (VmRSS), in bytes; 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 def machine_info() -> dict[str, Any]:
     import torch
 
@@ -625,6 +636,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from enginesmith.compiler.config import BuildConfig
     from enginesmith.runtime.errors import InvalidRequestError
     from enginesmith.runtime.llm import LLM
+    from enginesmith.runtime.sampling import SamplingParams
 
     engine_dir = cached_engine(
         BuildConfig(model=DEFAULT_MODEL, output=args.engine or default_engine_dir()),
@@ -633,7 +645,10 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     bandwidth = {"before": measure_bandwidth()}  # before any model takes memory or cache
 
     log(f"loading engine {engine_dir}")
+    rss_before = rss_bytes()
     llm = LLM(engine_dir)
+    llm.generate(["Hello"], SamplingParams(max_tokens=4))  # first steps allocate ORT's arenas
+    rss_loaded = rss_bytes() - rss_before
     max_seq = llm.max_seq_len
     if args.prefill_tokens >= max_seq or args.decode_prompt_tokens + args.decode_tokens >= max_seq:
         raise InvalidRequestError(
@@ -741,7 +756,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             samples["unfused_decode"].append(d_unfused["wall_tokens_per_s"])
 
     bandwidth["after"] = measure_bandwidth()
-    return _results(
+    result = _results(
         args,
         argv,
         engine_dir,
@@ -755,6 +770,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         brackets,
         kv_cached,
     )
+    kv = llm.manifest["kv_cache"]
+    result["memory"] = {
+        "rss_added_by_engine_load_bytes": rss_loaded,
+        "weight_bytes_on_disk": engine_weight_bytes(engine_dir, llm.manifest).total_bytes,
+        "kv_cache_bytes": int(kv["bytes_per_token"]) * llm.manifest["max_batch"] * max_seq,
+    }
+    return result
 
 
 def _results(
@@ -996,6 +1018,12 @@ def render(result: dict[str, Any]) -> str:
             + (f"{format_cell(_percent_summary(steady_median))}%" if steady_median else "-")
             + "; calls over twice the median lost "
             f"{format_cell(_percent_summary(median['slow_call_share']), 1)}% of the decode calls' time"
+        )
+    if memory := result.get("memory"):
+        lines.append(
+            f"memory added by loading the engine (RSS): {memory['rss_added_by_engine_load_bytes'] / 2**20:.0f} "
+            f"MiB (weights {memory['weight_bytes_on_disk'] / 2**20:.0f} MiB on disk, KV slots "
+            f"{memory['kv_cache_bytes'] / 2**20:.0f} MiB)"
         )
     if r.get("fused_vs_matmul_floor_decode") is not None:
         lines.append(
