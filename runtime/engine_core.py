@@ -32,6 +32,7 @@ from enginesmith.runtime.sampling import (
     Sampler,
     SamplingParams,
     StopChecker,
+    TokenLogprob,
 )
 from enginesmith.runtime.scheduler import (
     KVCacheManager,
@@ -119,6 +120,8 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop string or stop token) | "length" | "cancelled"
     stats: RequestStats
+    # Per generated token when SamplingParams.logprobs is set (Sampler.logprobs), else None.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -132,6 +135,7 @@ class LiveRequest:
     detokenizer: IncrementalDetokenizer
     stopper: StopChecker
     text_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     arrival: float = field(default_factory=time.perf_counter)
@@ -149,14 +153,20 @@ class LiveRequest:
             list(self.sched.output_token_ids),
             self.finish_reason or "length",
             self.stats,
+            list(self.logprobs) if self.params.logprobs is not None else None,
         )
 
 
 @dataclass
 class StepEvent:
+    """What one step did for one request: new text (held back while it may be the start of a
+    stop string), the tokens generated (with their logprobs when asked for), finished or not."""
+
     request: LiveRequest
     delta: str
     finished: bool
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class EngineCore:
@@ -216,20 +226,29 @@ class EngineCore:
             return [self._run_greedy(output.chunks[0], steps)]
         logits = self._execute(output.chunks)
         sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
         for chunk in output.chunks:
             if chunk.samples:
                 request = self.live[chunk.request.request_id]
-                sampled[request.request_id] = request.sampler.sample(logits[request.request_id])
+                row = logits[request.request_id]
+                token = sampled[request.request_id] = request.sampler.sample(row)
+                if request.params.logprobs is not None:
+                    logprobs[request.request_id] = request.sampler.logprobs(
+                        row, token, request.params.logprobs
+                    )
         self.scheduler.update(output, sampled)
         now = time.perf_counter()
         events = []
         for request_id, token in sampled.items():
             request = self.live[request_id]
+            token_logprobs = [logprobs[request_id]] if request_id in logprobs else []
+            request.logprobs.extend(token_logprobs)
             delta = self._accept(request, token, now)
             if request.finish_reason is not None:
                 self.scheduler.finish(request.sched)
                 del self.live[request_id]
-            events.append(StepEvent(request, delta, request.finish_reason is not None))
+            finished = request.finish_reason is not None
+            events.append(StepEvent(request, delta, finished, [token], token_logprobs))
         return events
 
     def _greedy_run_steps(self, output: SchedulerOutput) -> int:
@@ -244,6 +263,8 @@ class EngineCore:
         sched = chunk.request
         request = self.live[sched.request_id]
         if not (chunk.num_new_tokens == 1 and chunk.samples and request.params.greedy):
+            return 1
+        if request.params.logprobs is not None:  # the kernel returns no logits
             return 1
         if chunk.start < len(sched.prompt_token_ids):  # a 1-token prompt: a prefill
             return 1
@@ -266,17 +287,18 @@ class EngineCore:
         )
         now = time.perf_counter()
         per_token = (now - start) / len(tokens)
-        deltas = []
+        deltas, accepted = [], []
         for i, token in enumerate(tokens.tolist()):
             one = ScheduledChunk(sched, chunk.start + i, 1, samples=True)
             self.scheduler.update(SchedulerOutput([one]), {sched.request_id: token})
             request.stats.decode_call_s.append(per_token)
             deltas.append(self._accept(request, token, now))
+            accepted.append(token)
             if request.finish_reason is not None:
                 self.scheduler.finish(sched)
                 del self.live[sched.request_id]
                 break
-        return StepEvent(request, "".join(deltas), request.finish_reason is not None)
+        return StepEvent(request, "".join(deltas), request.finish_reason is not None, accepted)
 
     def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
         """Run CHUNKS on the session; return last-position logits per sampling request."""
