@@ -586,7 +586,7 @@ class _Guard:
     the HTTP metrics, before FastAPI sees the request."""
 
     def __init__(self, app: FastAPI, state: ServerState) -> None:
-        self.app, self.state = app, state
+        self.app, self.server_state = app, state
         self.router = app.router  # for callers that look for routes (Ray Serve's ingress)
 
     def __getattr__(self, name: str) -> Any:
@@ -618,17 +618,17 @@ class _Guard:
                 return
             body, receive_rest = await self._read_body(receive)
             if body is None:
-                limit = self.state.max_body_bytes
+                limit = self.server_state.max_body_bytes
                 too_big = _error(413, f"the body is over {limit} bytes", "invalid_request_error")
                 await too_big(scope, receive, send_with_id)
                 return
             await self.app(scope, receive_rest, send_with_id)
         finally:
-            if self.state.metrics is not None:
-                self.state.metrics.observe_http(_route_label(path), status_seen[0] or 499)
+            if self.server_state.metrics is not None:
+                self.server_state.metrics.observe_http(_route_label(path), status_seen[0] or 499)
 
     def _refuse(self, path: str, headers: dict[str, str]) -> ASGIApp | None:
-        key = self.state.api_key
+        key = self.server_state.api_key
         authorized = headers.get("authorization", "") == f"Bearer {key}"
         if key is not None and path != "/health" and not authorized:
             return _error(
@@ -641,10 +641,12 @@ class _Guard:
         if (
             declared is not None
             and declared.isdigit()
-            and int(declared) > self.state.max_body_bytes
+            and int(declared) > self.server_state.max_body_bytes
         ):
             return _error(
-                413, f"the body is over {self.state.max_body_bytes} bytes", "invalid_request_error"
+                413,
+                f"the body is over {self.server_state.max_body_bytes} bytes",
+                "invalid_request_error",
             )
         return None
 
@@ -659,7 +661,7 @@ class _Guard:
                 break
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
-            if size > self.state.max_body_bytes:
+            if size > self.server_state.max_body_bytes:
                 return None, receive
             if not message.get("more_body", False):
                 replay = []
