@@ -204,9 +204,9 @@ def _serve(args: argparse.Namespace) -> int:
     engine_dir = args.engine_dir.expanduser().resolve()
     name = args.served_model_name or engine_dir.name
     if args.replicas > 1:
-        from enginesmith.runtime import serve_ray
+        from enginesmith.runtime.serve_ray import run as run_on_ray
 
-        return serve_ray.run(
+        return run_on_ray(
             engine_dir,
             replicas=args.replicas,
             host=args.host,

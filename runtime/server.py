@@ -94,6 +94,7 @@ class ServerState:
     api_key: str | None
     max_body_bytes: int
     health_timeout_s: float
+    replica_id: str | None = None
     llm: Any = None
     metrics: ServerMetrics | None = None
     draining: bool = False
@@ -108,10 +109,12 @@ def create_app(
     api_key: str | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     health_timeout_s: float = DEFAULT_HEALTH_TIMEOUT_S,
+    replica_id: str | None = None,
 ) -> FastAPI:
     """The OpenAI-compatible app over LLM, an enginesmith LLM or a zero-argument callable that
-    loads one (called in a thread at startup; /health answers 503 until it returns)."""
-    state = ServerState(model_name, api_key, max_body_bytes, health_timeout_s)
+    loads one (called in a thread at startup; /health answers 503 until it returns).
+    REPLICA_ID, when given, is sent as `x-replica-id` on every response (Ray Serve)."""
+    state = ServerState(model_name, api_key, max_body_bytes, health_timeout_s, replica_id)
 
     def install(loaded: Any) -> None:
         loaded.start_loop()
@@ -603,11 +606,12 @@ class _Guard:
         async def send_with_id(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status_seen[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = [
-                    *message["headers"],
-                    (b"x-request-id", request_id.encode("latin-1")),
-                ]
+                extra = []
+                if self.server_state.replica_id is None:
+                    extra.append((b"x-request-id", request_id.encode("latin-1")))
+                else:  # Ray Serve's proxy sets x-request-id itself
+                    extra.append((b"x-replica-id", self.server_state.replica_id.encode("latin-1")))
+                message["headers"] = [*message.get("headers", []), *extra]
             await send(message)
 
         path = scope.get("path", "")
