@@ -4,6 +4,7 @@ logprobs."""
 
 from __future__ import annotations
 
+import argparse
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -227,3 +228,25 @@ def test_health_metrics_and_request_ids(served, client) -> None:  # type: ignore
         assert len(response.headers["x-request-id"]) >= 16
     echoed = httpx.get(f"{server.url}/health", headers={"x-request-id": "abc-123"})
     assert echoed.headers["x-request-id"] == "abc-123"
+
+
+def test_serve_help_explains_every_flag(capsys) -> None:  # type: ignore[no-untyped-def]
+    from enginesmith.runtime.cli import build_parser, main
+    from tests.cli_help import assert_help_explains_every_flag
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    serve_parser = sub.choices["serve"]
+    assert_help_explains_every_flag(
+        lambda argv: main(["serve", *argv]),
+        serve_parser,
+        (
+            "--host",
+            "--port",
+            "--api-key",
+            "--max-queue",
+            "--served-model-name",
+            "--shutdown-timeout",
+            "--replicas",
+        ),
+        capsys,
+    )
