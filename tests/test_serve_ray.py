@@ -44,14 +44,20 @@ def test_two_local_replicas_serve_one_endpoint(tiny_engine) -> None:  # type: ig
         assert chunks[-1].usage.completion_tokens == 6
 
         def one(i: int) -> str:
-            body = {"model": MODEL, "prompt": f"x = {i}", "max_tokens": 32, "ignore_eos": True}
+            body = {"model": MODEL, "prompt": f"x = {i}", "max_tokens": 200, "ignore_eos": True}
             response = httpx.post(f"{url}/v1/completions", json=body, timeout=60)
             assert response.status_code == 200, response.text
             assert response.headers["x-request-id"]
             return response.headers["x-replica-id"]
 
+        # 8 clients against 2 x 4 requests in flight per replica (max_ongoing_requests):
+        # Ray's router must use both replicas.
+        replicas: set[str] = set()
         with ThreadPoolExecutor(8) as pool:
-            replicas = set(pool.map(one, range(24)))
+            for _ in range(5):
+                replicas |= set(pool.map(one, range(16)))
+                if len(replicas) == 2:
+                    break
         assert len(replicas) == 2, replicas
         bad = httpx.post(f"{url}/v1/completions", json={"model": MODEL, "prompt": "x", "n": 0})
         assert bad.status_code == 400 and "error" in bad.json()
