@@ -88,6 +88,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the raw manifest and build report as JSON"
     )
 
+    _add_serve_parser(sub)
     return parser
 
 
@@ -97,10 +98,127 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "generate":
             return _generate(args)
+        if args.command == "serve":
+            return _serve(args)
         return _inspect(args)
     except EnginesmithError as exc:
         print(f"enginesmith: error: {exc}", file=sys.stderr)
         return 2
+
+
+def _add_serve_parser(sub: Any) -> None:
+    srv = sub.add_parser(
+        "serve",
+        help="serve an engine over an OpenAI-compatible HTTP API",
+        description="Serve ENGINE_DIR over an OpenAI-compatible HTTP API (/v1/completions, "
+        "/v1/chat/completions, /v1/models, /tokenize, /detokenize, /health, /metrics). All "
+        "requests share one in-flight batching engine loop. SIGTERM or Ctrl-C stops accepting "
+        "requests, lets running ones finish (up to --shutdown-timeout) and exits 0.",
+    )
+    srv.add_argument(
+        "engine_dir", type=Path, metavar="ENGINE_DIR", help="directory made by build-engine"
+    )
+    srv.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: 127.0.0.1, this machine only; 0.0.0.0 = all)",
+    )
+    srv.add_argument("--port", type=int, default=8000, help="TCP port (default: 8000)")
+    srv.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require `Authorization: Bearer KEY` on every route but /health (default: the "
+        "ENGINESMITH_API_KEY variable; none = no key)",
+    )
+    srv.add_argument(
+        "--max-queue",
+        type=int,
+        default=256,
+        metavar="N",
+        help="requests that may wait for a KV slot; more get 429 with Retry-After (default: 256)",
+    )
+    srv.add_argument(
+        "--served-model-name",
+        default=None,
+        metavar="NAME",
+        help="model name clients pass as `model` and /v1/models lists (default: the engine "
+        "directory's name)",
+    )
+    srv.add_argument(
+        "--shutdown-timeout",
+        type=int,
+        default=30,
+        metavar="S",
+        help="on SIGTERM, seconds to let in-flight requests finish before cancelling them "
+        "(default: 30)",
+    )
+    srv.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        metavar="N",
+        help="ONNX Runtime intra-op threads (default: the engine's setting)",
+    )
+    srv.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help="engine replicas; N > 1 serves through Ray Serve (N copies of the engine behind one "
+        "endpoint; needs the serve-ray extra; docs/serving.md)",
+    )
+    srv.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default: info)",
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import os
+
+    from enginesmith.runtime.errors import InvalidRequestError
+
+    if args.max_queue < 1 or args.replicas < 1 or args.shutdown_timeout < 0:
+        raise InvalidRequestError(
+            "--max-queue and --replicas must be >= 1 and --shutdown-timeout >= 0"
+        )
+    api_key = args.api_key or os.environ.get("ENGINESMITH_API_KEY") or None
+    engine_dir = args.engine_dir.expanduser().resolve()
+    name = args.served_model_name or engine_dir.name
+    if args.replicas > 1:
+        from enginesmith.runtime.serve_ray import run as run_on_ray
+
+        return run_on_ray(
+            engine_dir,
+            replicas=args.replicas,
+            host=args.host,
+            port=args.port,
+            model_name=name,
+            api_key=api_key,
+            max_queue=args.max_queue,
+            threads=args.threads,
+        )
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.llm import LLM
+    from enginesmith.runtime.server import create_app, serve_forever
+
+    read_manifest(engine_dir, verify_hashes=False)  # a bad ENGINE_DIR fails here, not later
+
+    def load() -> LLM:
+        # spin_wait=False: spinning ORT workers starve the event loop's thread.
+        return LLM(engine_dir, threads=args.threads, max_waiting=args.max_queue, spin_wait=False)
+
+    app = create_app(load, model_name=name, api_key=api_key)
+    print(
+        f"enginesmith: serving {engine_dir} as `{name}` on http://{args.host}:{args.port}/v1 "
+        "(the engine loads in the background; /health answers 200 once it is ready)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return serve_forever(app, args.host, args.port, args.shutdown_timeout, args.log_level)
 
 
 def _generate(args: argparse.Namespace) -> int:

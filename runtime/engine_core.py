@@ -28,6 +28,7 @@ from enginesmith.runtime.sampling import (
     Sampler,
     SamplingParams,
     StopChecker,
+    TokenLogprob,
 )
 from enginesmith.runtime.scheduler import (
     KVCacheManager,
@@ -109,6 +110,8 @@ class RequestOutput:
     token_ids: list[int]
     finish_reason: str  # "stop" (EOS, stop string or stop token) | "length" | "cancelled"
     stats: RequestStats
+    # Per generated token when SamplingParams.logprobs is set (Sampler.logprobs), else None.
+    logprobs: list[TokenLogprob] | None = None
 
 
 @dataclass(eq=False)
@@ -122,6 +125,7 @@ class LiveRequest:
     detokenizer: IncrementalDetokenizer
     stopper: StopChecker
     text_parts: list[str] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stats: RequestStats = field(default_factory=RequestStats)
     arrival: float = field(default_factory=time.perf_counter)
@@ -139,14 +143,20 @@ class LiveRequest:
             list(self.sched.output_token_ids),
             self.finish_reason or "length",
             self.stats,
+            list(self.logprobs) if self.params.logprobs is not None else None,
         )
 
 
 @dataclass
 class StepEvent:
+    """What one step did for one request: new text (held back while it may be the start of a
+    stop string), the tokens generated (with their logprobs when asked for), finished or not."""
+
     request: LiveRequest
     delta: str
     finished: bool
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class EngineCore:
@@ -201,20 +211,29 @@ class EngineCore:
             return []
         logits = self._execute(output.chunks)
         sampled: dict[str, int] = {}
+        logprobs: dict[str, TokenLogprob] = {}
         for chunk in output.chunks:
             if chunk.samples:
                 request = self.live[chunk.request.request_id]
-                sampled[request.request_id] = request.sampler.sample(logits[request.request_id])
+                row = logits[request.request_id]
+                token = sampled[request.request_id] = request.sampler.sample(row)
+                if request.params.logprobs is not None:
+                    logprobs[request.request_id] = request.sampler.logprobs(
+                        row, token, request.params.logprobs
+                    )
         self.scheduler.update(output, sampled)
         now = time.perf_counter()
         events = []
         for request_id, token in sampled.items():
             request = self.live[request_id]
+            token_logprobs = [logprobs[request_id]] if request_id in logprobs else []
+            request.logprobs.extend(token_logprobs)
             delta = self._accept(request, token, now)
             if request.finish_reason is not None:
                 self.scheduler.finish(request.sched)
                 del self.live[request_id]
-            events.append(StepEvent(request, delta, request.finish_reason is not None))
+            finished = request.finish_reason is not None
+            events.append(StepEvent(request, delta, finished, [token], token_logprobs))
         return events
 
     def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ from enginesmith.runtime.sampling import SamplingParams
 
 # Per-step token budget when the manifest does not set one (older engines).
 DEFAULT_MAX_NUM_TOKENS = 512
+# An idle engine loop wakes this often to record its heartbeat (LLM.loop_heartbeat_age_s).
+IDLE_WAKE_S = 0.5
 
 __all__ = ["LLM", "RequestOutput", "RequestStats", "TextStream"]
 
@@ -172,6 +175,36 @@ class LLM:
             if event.delta:
                 yield event.delta
 
+    def new_request(self, prompt: str, params: SamplingParams | None = None) -> LiveRequest:
+        """A request for `events`: the prompt is tokenized and checked here (InvalidRequestError
+        at once), nothing runs until `events` iterates."""
+        return self._make_requests(prompt, params)[0]
+
+    def events(self, request: LiveRequest) -> AsyncIterator[StepEvent]:
+        """Async StepEvents of REQUEST (text delta, token ids, logprobs, finished) from the
+        engine loop; after the last one, `request.output()` is the whole RequestOutput. Closing
+        or cancelling the iterator aborts the request (its KV slot is freed before the next
+        step). A full waiting queue raises QueueFullError from the first `__anext__`."""
+        return self._events(request)
+
+    def encode(self, prompt: str) -> list[int]:
+        """PROMPT's token ids, checked against the engine's limits (InvalidRequestError)."""
+        return self._encode(prompt)
+
+    def start_loop(self) -> None:
+        """Start the background engine loop now rather than at the first async request (a
+        server does, so that its health check watches the loop from the start)."""
+        self._engine_loop()
+
+    @property
+    def loop_heartbeat_age_s(self) -> float | None:
+        """Seconds since the engine loop last finished a step or woke idle (it wakes every
+        IDLE_WAKE_S); None when no loop runs. A large age means a step is hung."""
+        loop = self._loop_thread
+        if loop is None or not loop.is_alive():
+            return None
+        return time.monotonic() - loop.heartbeat
+
     async def _events(self, request: LiveRequest) -> AsyncIterator[StepEvent]:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[StepEvent | BaseException] = asyncio.Queue()
@@ -283,6 +316,7 @@ class _EngineLoop(threading.Thread):
         self.commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self.sinks: dict[str, Any] = {}
         self._stopping = False
+        self.heartbeat = time.monotonic()  # last step finished or idle wake (monotonic s)
 
     def add(self, request: LiveRequest, sink: Any) -> None:
         self.commands.put(("add", (request, sink)))
@@ -298,6 +332,7 @@ class _EngineLoop(threading.Thread):
     def run(self) -> None:
         core = self.llm.core
         while not self._stopping:
+            self.heartbeat = time.monotonic()
             self._drain(block=not core.has_unfinished)
             if self._stopping or not core.has_unfinished:
                 continue
@@ -321,7 +356,7 @@ class _EngineLoop(threading.Thread):
     def _drain(self, block: bool) -> None:
         while True:
             try:
-                kind, arg = self.commands.get(block=block, timeout=None)
+                kind, arg = self.commands.get(block=block, timeout=IDLE_WAKE_S)
             except queue.Empty:
                 return
             block = False

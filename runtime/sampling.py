@@ -32,6 +32,19 @@ _PROMPT_CONTEXT_TOKENS = 5
 
 _REPLACEMENT_CHAR = "\ufffd"
 
+# Most alternatives a request may ask log-probabilities for (OpenAI's top_logprobs limit).
+MAX_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability and the most likely alternatives at its position
+    (token id, logprob), most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
 
 def _is_int(value: object) -> bool:
     return isinstance(value, Integral) and not isinstance(value, bool)
@@ -66,6 +79,9 @@ class SamplingParams:
     stop: Sequence[str] = ()  # a str or any sequence; stored as tuple[str, ...]
     stop_token_ids: Sequence[int] = ()  # an int or any sequence; stored as tuple[int, ...]
     ignore_eos: bool = False
+    # Log-probabilities to return per generated token: None = none, 0 = the chosen token's,
+    # k = also the k most likely alternatives (see Sampler.logprobs for which distribution).
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         self._validate_max_tokens()
@@ -75,6 +91,7 @@ class SamplingParams:
         self._validate_seed()
         self._normalize_stop()
         self._normalize_stop_token_ids()
+        self._validate_logprobs()
         object.__setattr__(self, "ignore_eos", bool(self.ignore_eos))
 
     def _validate_max_tokens(self) -> None:
@@ -140,6 +157,15 @@ class SamplingParams:
                 )
         object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))
 
+    def _validate_logprobs(self) -> None:
+        value = self.logprobs
+        if value is not None and (not _is_int(value) or not 0 <= value <= MAX_LOGPROBS):
+            raise InvalidRequestError(
+                f"logprobs must be an integer in [0, {MAX_LOGPROBS}] or None (got {value!r}): "
+                "ask for fewer alternatives"
+            )
+        object.__setattr__(self, "logprobs", None if value is None else int(value))
+
     @property
     def greedy(self) -> bool:
         """True when sampling reduces to argmax (temperature 0, or only one candidate kept)."""
@@ -183,6 +209,31 @@ class Sampler:
         out = np.zeros(logits.shape[0], dtype=np.float64)
         out[ids] = probs
         return out
+
+    def logprobs(self, logits: np.ndarray, token_id: int, num_top: int) -> TokenLogprob:
+        """TOKEN_ID's log-probability and the NUM_TOP most likely tokens' ones.
+
+        Sampled requests: the distribution `sample` draws from (temperature, top-k and top-p
+        applied, renormalized), so tokens outside the kept set have -inf and are never listed
+        as alternatives. Greedy requests: the model's own distribution (softmax of the raw
+        logits), since the one-hot distribution argmax "draws" from says nothing.
+        """
+        logits = _check_logits(logits)
+        if self.params.greedy:
+            logp = logits.astype(np.float64)
+            logp -= logp.max()
+            logp -= math.log(float(np.exp(logp).sum()))
+        else:
+            with np.errstate(divide="ignore"):
+                logp = np.log(self.probabilities(logits))
+        chosen = float(logp[token_id])
+        if num_top <= 0:
+            return TokenLogprob(int(token_id), chosen)
+        k = min(num_top, logp.shape[0])
+        head = np.argpartition(logp, logp.shape[0] - k)[logp.shape[0] - k :]
+        head = head[np.argsort(-logp[head], kind="stable")]
+        top = tuple((int(i), float(logp[i])) for i in head if math.isfinite(logp[i]))
+        return TokenLogprob(int(token_id), chosen, top)
 
     def draw(self, probs: np.ndarray) -> int:
         """Draw an index from an arbitrary non-negative weight vector with this request's rng.

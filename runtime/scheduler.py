@@ -9,7 +9,7 @@ allow. When the KV budget runs out, the most recently admitted running request i
 its cache is dropped and it returns to the front of the queue, to be recomputed from its known
 tokens (nothing is lost; its generated tokens are kept).
 
-KV layout (runtime/session.py): one slot per running request, a fixed row of capacity
+KV layout (runtime/ort_cpu_executor.py): one slot per running request, a fixed row of capacity
 `slot_capacity` tokens in every layer's cache buffer. `token_budget` caps the sum of tokens
 held by all slots; by default it is the physical capacity, so only a smaller budget preempts.
 """
