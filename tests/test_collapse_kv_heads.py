@@ -100,7 +100,7 @@ def collapse_report(engine: Path) -> dict[str, Any]:
 def write_mha_llama(out: Path, edit: Any = None) -> Path:
     """A random MHA llama (4 query heads, 4 KV heads) HF directory; EDIT(model) may change it."""
     fields = {**presets._TINY_COMMON, "num_key_value_heads": 4, "tie_word_embeddings": False}
-    presets._write_tiny_model(out, "llama", fields)
+    presets.write_tiny_model(out, "llama", fields)
     if edit is not None:
         from transformers import AutoModelForCausalLM
 

@@ -13,11 +13,12 @@ Tolerances (documented in docs/benchmarks.md and below):
   activations; with the build's int8 activations, the argmax agrees at every position whose
   fp32 top-1 / top-2 logit gap exceeds 0.15 (their largest effect measured: ~0.06);
 * a quantized tiny engine (accuracy_level=4: int8 activations too) vs its fp32 engine, on
-  the logits of every prompt position: ||q - fp32|| / ||fp32|| <= 0.08 for int8 and <= 0.6
-  for int4 (its embedding table / LM head at 8 bits). Measured on the three tiny presets:
-  int8 0.022-0.037, int4 0.24-0.29 (random weights of std 0.1 in 2 layers: an int8 weight
-  error of ~0.5% grows to ~3% of the logits; unrelated logits would give ~1.4). Most of it is
-  the weights': with fp32 activations, int8 alone gives 0.016-0.030 on tiny-llama/-qwen2.
+  the logits of every prompt position: ||q - fp32|| / ||fp32|| <= 0.05 for int8 and <= 0.35
+  for int4 (its embedding table / LM head at 8 bits); held-out top-1 agreement > 0.9 (int8)
+  and > 0.55 (int4). Measured on tiny-llama: int8 0.037 and 0.946, int4 0.289 and 0.643
+  (random weights of std 0.1 in 2 layers: an int8 weight error of ~0.5% grows to ~3% of the
+  logits; unrelated logits would give ~1.4). Most of it is the weights': with fp32
+  activations, int8 alone gives 0.016-0.030 on tiny-llama/-qwen2.
 """
 
 from __future__ import annotations
@@ -45,8 +46,13 @@ from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 from tests.conftest import PROMPTS
 from tests.test_bad_inputs import assert_cli_error, run_cli
 
-INT8_RTOL = 0.08
-INT4_RTOL = 0.6
+# Bounds from measurement on tiny-llama (deterministic here; the margin covers ONNX Runtime's
+# int8-activation kernels differing between CPUs): relative logit error int8 0.037, int4 0.289;
+# held-out top-1 agreement with fp32 int8 0.946, int4 0.643. Unrelated logits would give ~1.4
+# and an agreement of ~0.001 (1 / vocab).
+INT8_RTOL = 0.05  # measured 0.037, +35%
+INT4_RTOL = 0.35  # measured 0.289, +20%
+TOP1_MIN = {"int8": 0.9, "int4": 0.55}  # measured 0.946 and 0.643, -0.05 and -0.09
 # The build's block size for the embedding table / LM head: 128, capped at the tiny model's K.
 EMBEDDING_BLOCK = 64
 # Largest |logit| change int8 activations (accuracy_level=4) cause on the tiny model is ~0.06:
@@ -224,7 +230,9 @@ def test_quantized_engine_logits_close_to_fp32(tiny_engine, mode: str, rtol: flo
     quant = tiny_engine("tiny-llama", quantize=mode)
     ids = LLM(fp32).tokenizer(PROMPTS[0] + " " + PROMPTS[1]).input_ids
     ref, got = _prefill_logits(fp32, ids), _prefill_logits(quant, ids)
-    assert np.linalg.norm(got - ref) <= rtol * np.linalg.norm(ref)
+    relative = float(np.linalg.norm(got - ref) / np.linalg.norm(ref))
+    print(f"{mode}: ||q - fp32|| / ||fp32|| = {relative:.3f} (limit {rtol})")
+    assert relative <= rtol
 
     manifest = read_manifest(quant)
     bits = int(mode[3:])
@@ -243,7 +251,8 @@ def test_quantized_engine_logits_close_to_fp32(tiny_engine, mode: str, rtol: flo
     quality = report["quality"]
     assert quality["tokens"] > 500
     assert quality["perplexity_engine"] > 1 and quality["perplexity_reference"] > 1
-    assert 0.3 < quality["top1_agreement"] <= 1.0
+    print(f"{mode}: top-1 agreement {quality['top1_agreement']:.3f} (limit {TOP1_MIN[mode]})")
+    assert TOP1_MIN[mode] < quality["top1_agreement"] <= 1.0
     # packed qkv, o, packed gate_up and down per layer, + the LM head
     assert qpass["matmuls_quantized"] == 2 * 4 + 1
 

@@ -22,10 +22,18 @@ def test_kv_cache_is_updated_in_place(tiny_engine) -> None:  # type: ignore[no-u
     out = llm.generate(PROMPTS[0], SamplingParams(max_tokens=5, ignore_eos=True))[0]
     total = len(out.prompt_token_ids) + len(out.token_ids) - 1  # last sampled token not yet cached
     assert [b.ctypes.data for b in buffers] == pointers  # same arrays, never reallocated
-    # The engine wrote exactly the request's tokens into slot 0 of our preallocated arrays.
-    key0 = llm.executor.cache_key[0]
-    assert np.abs(key0[0, :, :total]).min(axis=-1).max() > 0  # written
-    assert not np.any(key0[0, :, total:]) and not np.any(key0[1:])  # nothing else touched
+    # The engine wrote exactly the request's tokens into slot 0 of our preallocated arrays:
+    # every (layer, kv head, position) row of keys and values up to TOTAL, nothing after it,
+    # nothing in another slot.
+    for kind, layers in (("key", llm.executor.cache_key), ("value", llm.executor.cache_value)):
+        for layer, cache in enumerate(layers):  # [max_batch, kv_heads, max_seq_len, head_dim]
+            written = np.abs(cache[0, :, :total]).max(axis=-1)  # [kv_heads, total]
+            unwritten = np.argwhere(written == 0).tolist()
+            assert not unwritten, (
+                f"{kind} layer {layer}: (head, position) never written {unwritten}"
+            )
+            assert not np.any(cache[0, :, total:]), f"{kind} layer {layer}: written past {total}"
+            assert not np.any(cache[1:]), f"{kind} layer {layer}: another slot was written"
 
 
 def test_batched_equals_one_at_a_time(tiny_engine) -> None:  # type: ignore[no-untyped-def]
@@ -101,10 +109,8 @@ def test_chat_uses_the_chat_template(tiny_engine) -> None:  # type: ignore[no-un
     llm = LLM(tiny_engine("tiny-llama"))
     messages = [{"role": "user", "content": "Say hello."}]
     out = llm.chat(messages, SamplingParams(max_tokens=6, ignore_eos=True))
-    expected = llm.tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=False
-    )
-    assert expected.endswith("<|im_start|>assistant\n")
+    # ChatML, written out (not produced by the code under test).
+    expected = "<|im_start|>user\nSay hello.<|im_end|>\n<|im_start|>assistant\n"
     assert out.prompt == expected
     assert (
         out.token_ids
