@@ -74,7 +74,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         )
     if config.backend != "onnxruntime":  # e.g. no TensorRT installed: say so before the export
         gpu_backend.check_build_environment(config)
-    stages = _Stages(5 if config.verify else 4, log)
+    quantized_cache = config.kv_cache_dtype != "float32"
+    stages = _Stages((5 if config.verify else 4) + quantized_cache, log)
     loaded = stages.run(
         f"load {config.model}",
         lambda: sources.load_model(config.model),
@@ -193,6 +194,26 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             return roles
 
         stages.run("write engine directory", write, lambda _: f"{_dir_mb(tmp):.1f} MB")
+        kv_report = None
+        if quantized_cache:  # scales are measured on the engine just written (fp32 cache)
+            from enginesmith.compiler import kv_cache_calibration
+
+            kv_report = stages.run(
+                f"calibrate the {config.kv_cache_dtype} KV cache's scales",
+                lambda: kv_cache_calibration.quantize_engine_kv_cache(
+                    tmp,
+                    manifest,
+                    exported.model,
+                    loaded.tokenizer,
+                    config.kv_cache_dtype,
+                    config.calibration,
+                ),
+                lambda r: (
+                    f"{r['bytes_per_token']} B/token (fp32 {r['bytes_per_token_fp32']}); "
+                    f"2048-token sequences in 512 MiB: {r['max_batch_2048_tokens_in_512_mib']} "
+                    f"(fp32 {r['max_batch_2048_tokens_in_512_mib_fp32']})"
+                ),
+            )
         report: dict[str, Any] = {
             "model": config.model,
             "export": {
@@ -202,6 +223,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             "passes": [r.as_dict() for r in records],
             "fusion": {r.rule: r.as_dict() for r in fusion},
         }
+        if kv_report is not None:
+            report["kv_cache"] = kv_report
         if config.verify and config.lossy and _cannot_verify(config) is None:
             # A lossy pass changed the outputs on purpose: measure what it cost instead.
             report["quality"] = stages.run(

@@ -18,6 +18,7 @@ TRT_HARDWARE_COMPAT = ("none", "ampere-plus", "same-cc")
 QUANTIZE_MODES = ("int8", "int4")
 QUANT_SCHEMES = ("symmetric", "asymmetric")
 KV_GROUPINGS = ("contiguous", "similarity")
+KV_CACHE_DTYPES = ("float32", "int8", "int4")  # plugins/flash_attention/kv_quant.py
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class BuildConfig:
     # KV-head collapse (passes/collapse_kv_heads.py); None = keep the model's KV heads.
     kv_heads: int | None = None
     kv_grouping: str = "contiguous"
-    calibration: Path | None = None  # calibration text for --kv-grouping similarity
+    calibration: Path | None = None  # calibration text (--kv-grouping similarity, KV scales)
+    # KV-cache element type (compiler/kv_cache_calibration.py): int8 / int4 with static
+    # per-channel scales calibrated at build time.
+    kv_cache_dtype: str = "float32"
     # GPU backends (compiler/backends/tensorrt.py); dtype None = float16 there, float32 on CPU.
     dtype: str | None = None
     onnx_only: bool = False  # tensorrt: write the TensorRT-ready ONNX graph, build no plan
@@ -72,6 +76,11 @@ class BuildConfig:
             raise BuildError(f"--kv-heads must be >= 1 (got {self.kv_heads})")
         if self.kv_grouping not in KV_GROUPINGS:
             raise BuildError(f"--kv-grouping must be one of {', '.join(KV_GROUPINGS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise BuildError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
+                f"(got {self.kv_cache_dtype!r})"
+            )
 
     def _check_gpu_options(self) -> None:
         if self.dtype is not None and self.dtype not in GPU_DTYPES:
@@ -94,6 +103,11 @@ class BuildConfig:
                 f"--quantize builds ONNX Runtime CPU kernels (MatMulNBits) and is not available "
                 f"with --backend {self.backend}: drop --quantize"
             )
+        if self.backend in GPU_BACKENDS and self.kv_cache_dtype != "float32":
+            raise BuildError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} runs in ONNX Runtime's CPU "
+                f"GroupQueryAttention only, not with --backend {self.backend}: drop it"
+            )
 
     def fingerprint_fields(self) -> dict[str, object]:
         """The fields that shape the engine (not where it goes or how it is checked)."""
@@ -107,4 +121,8 @@ class BuildConfig:
     @property
     def lossy(self) -> bool:
         """Whether a pass that changes the model's outputs is requested (quality is reported)."""
-        return self.quantize is not None or self.kv_heads is not None
+        return (
+            self.quantize is not None
+            or self.kv_heads is not None
+            or self.kv_cache_dtype != "float32"
+        )
