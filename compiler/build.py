@@ -75,7 +75,7 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
     if config.backend != "onnxruntime":  # e.g. no TensorRT installed: say so before the export
         gpu_backend.check_build_environment(config)
     quantized_cache = config.kv_cache_dtype != "float32"
-    stages = _Stages((5 if config.verify else 4) + quantized_cache, log)
+    stages = _Stages((5 if config.verify else 4) + quantized_cache + _recovers(config), log)
     loaded = stages.run(
         f"load {config.model}",
         lambda: sources.load_model(config.model),
@@ -92,9 +92,29 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             check_target(config.kv_heads, src.num_heads, src.num_kv_heads)
         except PassError as exc:
             raise BuildError(str(exc)) from exc
+    source_model, recovery = loaded.model, None
+    if _recovers(config, loaded):  # collapse in the transformers model, then fit (kv_recovery.py)
+        from enginesmith.compiler import kv_recovery
+
+        target = config.kv_heads
+        assert target is not None
+        source_model, recovery = stages.run(
+            f"collapse to {config.kv_heads} KV heads and recover "
+            f"({config.kv_recovery_minutes:g} min budget)",
+            lambda: kv_recovery.collapse_with_recovery(
+                loaded.model,
+                loaded.tokenizer,
+                target,
+                config.kv_grouping,
+                config.calibration,
+                config.kv_recovery_minutes,
+                log,
+            ),
+            lambda r: r[1].summary(),
+        )
     exported = stages.run(
         "export to ONNX (torch dynamo, opset 23)",
-        lambda: export.export_model(loaded.model),
+        lambda: export.export_model(source_model),
         lambda r: f"{r.model.graph.num_nodes()} nodes, {r.weight_bytes / 1e6:.1f} MB of weights",
     )
     dims: export.ModelDims = exported.dims
@@ -225,6 +245,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         }
         if kv_report is not None:
             report["kv_cache"] = kv_report
+        if recovery is not None:
+            report["kv_recovery"] = recovery.as_dict()
         if config.verify and config.lossy and _cannot_verify(config) is None:
             # A lossy pass changed the outputs on purpose: measure what it cost instead.
             report["quality"] = stages.run(
@@ -297,6 +319,17 @@ def verify_engine(
             "this is a compiler bug: report it with the model's config.json"
         )
     return {"tokens": n, "max_abs_diff": diff, "relative_diff": relative, "top1_agreement": agree}
+
+
+def _recovers(config: BuildConfig, loaded: sources.LoadedModel | None = None) -> bool:
+    """Whether --kv-heads collapses with a recovery step (before the export) rather than by the
+    ONNX pass's mean pooling alone."""
+    if config.kv_heads is None or config.kv_recovery_minutes <= 0:
+        return False
+    if loaded is None:
+        return True
+    kv_heads = loaded.config.num_key_value_heads or loaded.config.num_attention_heads
+    return bool(config.kv_heads < kv_heads)
 
 
 def _cannot_verify(config: BuildConfig) -> str | None:

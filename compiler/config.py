@@ -17,6 +17,9 @@ TRT_ATTENTION = ("auto", "trt", "onnx")
 TRT_HARDWARE_COMPAT = ("none", "ampere-plus", "same-cc")
 QUANTIZE_MODES = ("int8", "int4")
 QUANT_SCHEMES = ("symmetric", "asymmetric")
+# auto: a weight already on a grid of its bits (a GGUF's Q4_1 / Q8_0) keeps it exactly
+# (passes/weight_grid.py), others are rounded; rtn: round every weight to MatMulNBits' grid.
+QUANT_METHODS = ("auto", "rtn")
 KV_GROUPINGS = ("contiguous", "similarity")
 KV_CACHE_DTYPES = ("float32", "int8", "int4")  # plugins/flash_attention/kv_quant.py
 
@@ -38,9 +41,13 @@ class BuildConfig:
     quantize: str | None = None
     block_size: int = 32
     quant_scheme: str = "symmetric"
+    quant_method: str = "auto"
     # KV-head collapse (passes/collapse_kv_heads.py); None = keep the model's KV heads.
     kv_heads: int | None = None
     kv_grouping: str = "contiguous"
+    # CPU minutes to fit the collapsed attention to the original's (compiler/kv_recovery.py);
+    # 0 = mean pooling only. Used only with kv_heads.
+    kv_recovery_minutes: float = 4.0
     calibration: Path | None = None  # calibration text (--kv-grouping similarity, KV scales)
     # KV-cache element type (compiler/kv_cache_calibration.py): int8 / int4 with static
     # per-channel scales calibrated at build time.
@@ -72,8 +79,18 @@ class BuildConfig:
             raise BuildError(f"--block-size must be a power of two >= 16 (got {self.block_size})")
         if self.quant_scheme not in QUANT_SCHEMES:
             raise BuildError(f"--quant-scheme must be one of {', '.join(QUANT_SCHEMES)}")
+        if self.quant_method not in QUANT_METHODS:
+            raise BuildError(
+                f"--quant-method must be one of {', '.join(QUANT_METHODS)} "
+                f"(got {self.quant_method!r})"
+            )
         if self.kv_heads is not None and self.kv_heads < 1:
             raise BuildError(f"--kv-heads must be >= 1 (got {self.kv_heads})")
+        if not 0 <= self.kv_recovery_minutes <= 600:  # also refuses NaN
+            raise BuildError(
+                f"--kv-recovery-minutes must be between 0 (no recovery) and 600 "
+                f"(got {self.kv_recovery_minutes})"
+            )
         if self.kv_grouping not in KV_GROUPINGS:
             raise BuildError(f"--kv-grouping must be one of {', '.join(KV_GROUPINGS)}")
         if self.kv_cache_dtype not in KV_CACHE_DTYPES:
