@@ -52,9 +52,7 @@ def test_recovery_is_never_worse_than_pooling(hf_models) -> None:  # type: ignor
         loaded.model, loaded.tokenizer, 1, minutes=0.05, log=lambda _m: None
     )
     assert report.steps > 0
-    assert all(
-        r <= p for r, p in zip(report.error_recovered, report.error_pooled, strict=True)
-    )
+    assert all(r <= p for r, p in zip(report.error_recovered, report.error_pooled, strict=True))
     assert min(np.subtract(report.error_recovered, report.error_pooled)) < 0  # it fitted
 
 
