@@ -181,7 +181,7 @@ def recover(
     minutes: float,
     report: RecoveryReport,
     log: Log,
-    learning_rate: float = LEARNING_RATE,
+    learning_rate: float | None = None,
 ) -> None:
     """Fit each collapsed layer's attention block to the original's output (in place)."""
     import torch
@@ -197,7 +197,7 @@ def recover(
         if budget > 0:
             for p in params:
                 p.requires_grad_(True)
-            optimizer = torch.optim.Adam(params, lr=learning_rate)
+            optimizer = torch.optim.Adam(params, lr=learning_rate or LEARNING_RATE)
             step = 0
             segments = len(record["x"])
             while time.perf_counter() - start < budget:
