@@ -9,8 +9,10 @@ channel is read straight out of the executor's cache buffers. Keys are post-rota
 engine has them, after KV-head collapse and weight quantization: the scales fit the engine's own
 numbers. Keys have a few outlier channels (KIVI, arXiv 2402.02750), hence per-channel scales.
 
-scale = HEADROOM * max|x| / qmax, qmax = 127 (int8) or 7 (int4). Values beyond the calibrated
-range are clamped by the kernel; HEADROOM leaves room for text unlike the calibration text.
+scale = HEADROOM * max|x| / qmax, qmax = 127 (int8) or 7 (int4). Values beyond the scale's range
+are clamped by the kernel. At 8 bits resolution is cheap and clamping is not, so int8 leaves
+room for text unlike the calibration text; at 4 bits resolution dominates, and clamping the
+rare largest values is the better trade (a headroom below 1).
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ from enginesmith.runtime.errors import BuildError
 
 CALIBRATION_TOKENS = 2048
 SEGMENT_TOKENS = 512  # each segment is prefilled from position 0 in one engine step
-# Measured on SmolLM2 (held-out perplexity, docs/benchmarks.md "Lossy options"): x1.2 costs
-# int8 nothing measurable and keeps int4 within its noise; smaller headroom clips unseen text.
-HEADROOM = 1.2
+# Measured on SmolLM2, 2048 held-out tokens, fp32 perplexity 15.400 (docs/benchmarks.md "Lossy
+# options"): int8 15.438 / 15.451 / 15.596 at x1.0 / 1.2 / 0.8 (1.2: margin for unseen text at
+# +0.3%); int4 22.7 / 27.3 / 21.5 at x1.0 / 1.2 / 0.8.
+HEADROOM = {"int8": 1.2, "int4": 0.8}
 SCALES_FILE = "kv_scales.json"
 _MIN_ABSMAX = 1e-6  # a channel that never moved still needs a positive scale
 
@@ -45,24 +48,28 @@ class KVCacheCalibration:
     tokens: int
     source: str
     seconds: float
-    headroom: float = HEADROOM
+    headroom: float | None = None  # None: HEADROOM of the dtype
+
+    def headroom_for(self, dtype: str) -> float:
+        return self.headroom if self.headroom is not None else HEADROOM[dtype]
 
     def quantization(self, dtype: str) -> kv_quant.KVCacheQuantization:
         """The cache format DTYPE with scales = headroom * absmax / qmax."""
         limit = kv_quant.qmax(kv_quant.BITS[dtype])
+        headroom = self.headroom_for(dtype)
 
         def scale(absmax: np.ndarray) -> np.ndarray:
-            return (np.maximum(absmax, _MIN_ABSMAX) * self.headroom / limit).astype(np.float32)
+            return (np.maximum(absmax, _MIN_ABSMAX) * headroom / limit).astype(np.float32)
 
         return kv_quant.KVCacheQuantization(dtype, scale(self.key_absmax), scale(self.value_absmax))
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, dtype: str) -> dict[str, Any]:
         """Figures for the build report: how spread the channels are (outliers)."""
         return {
             "tokens": self.tokens,
             "source": self.source,
             "seconds": round(self.seconds, 2),
-            "headroom": self.headroom,
+            "headroom": self.headroom_for(dtype),
             "key_absmax_max": round(float(self.key_absmax.max()), 4),
             "key_absmax_median": round(float(np.median(self.key_absmax)), 4),
             "value_absmax_max": round(float(self.value_absmax.max()), 4),
@@ -75,7 +82,7 @@ def collect_kv_absmax(
     tokenizer: Any,
     calibration: Path | None = None,
     num_tokens: int = CALIBRATION_TOKENS,
-    headroom: float = HEADROOM,
+    headroom: float | None = None,
     rotary: tuple[int, bool] | None = None,
 ) -> KVCacheCalibration:
     """Prefill calibration text through EXECUTOR (an OrtCpuExecutor with an fp32 cache) and read
@@ -130,7 +137,7 @@ def write_scales(
         "bit_width": quant.bits,
         "quant_type": kv_quant.QUANT_TYPE,
         "layout": "[layers][kv_heads][head_dim]; value = q * scale",
-        "calibration": calibration.summary(),
+        "calibration": calibration.summary(quant.dtype),
         "key_scale": np.round(quant.key_scale.astype(np.float64), 9).tolist(),
         "value_scale": np.round(quant.value_scale.astype(np.float64), 9).tolist(),
     }
@@ -213,7 +220,7 @@ def quantize_engine_kv_cache(
     )
     return {
         **rewrite.report,
-        "calibration": calibrated.summary(),
+        "calibration": calibrated.summary(dtype),
         "bytes_per_token": kv["bytes_per_token"],
         "bytes_per_token_fp32": fp32_per_token,
         "max_batch_2048_tokens_in_512_mib": largest_batch(kv["bytes_per_token"]),
