@@ -76,7 +76,8 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
         )
     if config.backend != "onnxruntime":  # e.g. no TensorRT installed: say so before the export
         gpu_backend.check_build_environment(config)
-    stages = _Stages(5 if config.verify else 4, log)
+    quantized_cache = config.kv_cache_dtype != "float32"
+    stages = _Stages((5 if config.verify else 4) + quantized_cache + _recovers(config), log)
     loaded = stages.run(
         f"load {config.model}",
         lambda: sources.load_model(config.model),
@@ -93,9 +94,29 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             check_target(config.kv_heads, src.num_heads, src.num_kv_heads)
         except PassError as exc:
             raise BuildError(str(exc)) from exc
+    source_model, recovery = loaded.model, None
+    if _recovers(config, loaded):  # collapse in the transformers model, then fit (kv_recovery.py)
+        from enginesmith.compiler import kv_recovery
+
+        target = config.kv_heads
+        assert target is not None
+        source_model, recovery = stages.run(
+            f"collapse to {config.kv_heads} KV heads and recover "
+            f"({config.kv_recovery_minutes:g} min budget)",
+            lambda: kv_recovery.collapse_with_recovery(
+                loaded.model,
+                loaded.tokenizer,
+                target,
+                config.kv_grouping,
+                config.calibration,
+                config.kv_recovery_minutes,
+                log,
+            ),
+            lambda r: r[1].summary(),
+        )
     exported = stages.run(
         "export to ONNX (torch dynamo, opset 23)",
-        lambda: export.export_model(loaded.model),
+        lambda: export.export_model(source_model),
         lambda r: f"{r.model.graph.num_nodes()} nodes, {r.weight_bytes / 1e6:.1f} MB of weights",
     )
     dims: export.ModelDims = exported.dims
@@ -195,6 +216,26 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             return roles
 
         stages.run("write engine directory", write, lambda _: f"{_dir_mb(tmp):.1f} MB")
+        kv_report = None
+        if quantized_cache:  # scales are measured on the engine just written (fp32 cache)
+            from enginesmith.compiler import kv_cache_calibration
+
+            kv_report = stages.run(
+                f"calibrate the {config.kv_cache_dtype} KV cache's scales",
+                lambda: kv_cache_calibration.quantize_engine_kv_cache(
+                    tmp,
+                    manifest,
+                    exported.model,
+                    loaded.tokenizer,
+                    config.kv_cache_dtype,
+                    config.calibration,
+                ),
+                lambda r: (
+                    f"{r['bytes_per_token']} B/token (fp32 {r['bytes_per_token_fp32']}); "
+                    f"2048-token sequences in 512 MiB: {r['max_batch_2048_tokens_in_512_mib']} "
+                    f"(fp32 {r['max_batch_2048_tokens_in_512_mib_fp32']})"
+                ),
+            )
         report: dict[str, Any] = {
             "model": config.model,
             "export": {
@@ -204,6 +245,10 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
             "passes": [r.as_dict() for r in records],
             "fusion": {r.rule: r.as_dict() for r in fusion},
         }
+        if kv_report is not None:
+            report["kv_cache"] = kv_report
+        if recovery is not None:
+            report["kv_recovery"] = recovery.as_dict()
         if config.verify and config.lossy and _cannot_verify(config) is None:
             # A lossy pass changed the outputs on purpose: measure what it cost instead.
             report["quality"] = stages.run(
@@ -337,6 +382,17 @@ def verify_decode(session: Any, ids: list[int], reference: np.ndarray) -> float 
         )
         worst = max(worst, float(np.abs(logits - reference[positions]).max()))
     return worst
+
+
+def _recovers(config: BuildConfig, loaded: sources.LoadedModel | None = None) -> bool:
+    """Whether --kv-heads collapses with a recovery step (before the export) rather than by the
+    ONNX pass's mean pooling alone."""
+    if config.kv_heads is None or config.kv_recovery_minutes <= 0:
+        return False
+    if loaded is None:
+        return True
+    kv_heads = loaded.config.num_key_value_heads or loaded.config.num_attention_heads
+    return bool(config.kv_heads < kv_heads)
 
 
 def _cannot_verify(config: BuildConfig) -> str | None:

@@ -11,7 +11,9 @@ from enginesmith.compiler import presets
 from enginesmith.compiler.config import (
     BACKENDS,
     GPU_DTYPES,
+    KV_CACHE_DTYPES,
     KV_GROUPINGS,
+    QUANT_METHODS,
     QUANT_SCHEMES,
     QUANTIZE_MODES,
     TRT_ATTENTION,
@@ -121,6 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="symmetric",
         help="symmetric (scale only) or asymmetric (scale + zero point) blocks",
     )
+    quant.add_argument(
+        "--quant-method",
+        choices=QUANT_METHODS,
+        default="auto",
+        help="auto: weights that already sit on a 4-bit Q4_1 or 8-bit Q8_0 grid (a GGUF "
+        "source) keep it exactly in blocks of 32 (Q4_1's offset as one small extra product per "
+        "MatMul), other weights are rounded; rtn: round every weight to MatMulNBits' grid "
+        "(--block-size, --quant-scheme); default: auto",
+    )
     kv = parser.add_argument_group("KV-head collapse (MHA -> GQA/MQA)")
     kv.add_argument(
         "--kv-heads",
@@ -138,11 +149,32 @@ def build_parser() -> argparse.ArgumentParser:
         "(calibrated on text, AsymGQA-style); default: contiguous",
     )
     kv.add_argument(
+        "--kv-recovery-minutes",
+        type=float,
+        default=4.0,
+        metavar="M",
+        help="after pooling, fit each layer's attention (q, k, v, o projections) to the "
+        "original model's attention output on calibration text for M minutes of CPU time in "
+        "all (layer-wise distillation); 0 = pooling only; default: 4 (see docs/benchmarks.md, "
+        "'Lossy options', for perplexity against minutes)",
+    )
+    kv.add_argument(
         "--calibration",
         type=Path,
         default=None,
         metavar="FILE",
-        help="UTF-8 text for --kv-grouping similarity (default: Python's pydoc docs)",
+        help="UTF-8 calibration text for --kv-grouping similarity and the --kv-cache-dtype "
+        "scales (default: the calibration half of Python's pydoc docs)",
+    )
+    kvq = parser.add_argument_group("quantized KV cache")
+    kvq.add_argument(
+        "--kv-cache-dtype",
+        choices=KV_CACHE_DTYPES,
+        default="float32",
+        help="element type of the KV cache: int8 (4x fewer bytes per token) or int4 (8x, two "
+        "values per byte), symmetric with static per-layer, per-head, per-channel scales "
+        "calibrated at build time on --calibration text (x1.2 headroom) and recorded in "
+        "kv_scales.json; onnxruntime CPU backend only; default: float32",
     )
     parser.add_argument(
         "--max-num-tokens",
@@ -198,9 +230,12 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             quantize=args.quantize,
             block_size=args.block_size,
             quant_scheme=args.quant_scheme,
+            quant_method=args.quant_method,
             kv_heads=args.kv_heads,
             kv_grouping=args.kv_grouping,
+            kv_recovery_minutes=args.kv_recovery_minutes,
             calibration=args.calibration,
+            kv_cache_dtype=args.kv_cache_dtype,
             dtype=args.dtype,
             onnx_only=args.onnx_only,
             trt_attention=args.trt_attention,

@@ -17,7 +17,11 @@ TRT_ATTENTION = ("auto", "trt", "onnx")
 TRT_HARDWARE_COMPAT = ("none", "ampere-plus", "same-cc")
 QUANTIZE_MODES = ("int8", "int4")
 QUANT_SCHEMES = ("symmetric", "asymmetric")
+# auto: a weight already on a grid of its bits (a GGUF's Q4_1 / Q8_0) keeps it exactly
+# (passes/weight_grid.py), others are rounded; rtn: round every weight to MatMulNBits' grid.
+QUANT_METHODS = ("auto", "rtn")
 KV_GROUPINGS = ("contiguous", "similarity")
+KV_CACHE_DTYPES = ("float32", "int8", "int4")  # plugins/flash_attention/kv_quant.py
 
 
 @dataclass(frozen=True)
@@ -37,10 +41,17 @@ class BuildConfig:
     quantize: str | None = None
     block_size: int = 32
     quant_scheme: str = "symmetric"
+    quant_method: str = "auto"
     # KV-head collapse (passes/collapse_kv_heads.py); None = keep the model's KV heads.
     kv_heads: int | None = None
     kv_grouping: str = "contiguous"
-    calibration: Path | None = None  # calibration text for --kv-grouping similarity
+    # CPU minutes to fit the collapsed attention to the original's (compiler/kv_recovery.py);
+    # 0 = mean pooling only. Used only with kv_heads.
+    kv_recovery_minutes: float = 4.0
+    calibration: Path | None = None  # calibration text (--kv-grouping similarity, KV scales)
+    # KV-cache element type (compiler/kv_cache_calibration.py): int8 / int4 with static
+    # per-channel scales calibrated at build time.
+    kv_cache_dtype: str = "float32"
     # GPU backends (compiler/backends/tensorrt.py); dtype None = float16 there, float32 on CPU.
     dtype: str | None = None
     onnx_only: bool = False  # tensorrt: write the TensorRT-ready ONNX graph, build no plan
@@ -68,10 +79,25 @@ class BuildConfig:
             raise BuildError(f"--block-size must be a power of two >= 16 (got {self.block_size})")
         if self.quant_scheme not in QUANT_SCHEMES:
             raise BuildError(f"--quant-scheme must be one of {', '.join(QUANT_SCHEMES)}")
+        if self.quant_method not in QUANT_METHODS:
+            raise BuildError(
+                f"--quant-method must be one of {', '.join(QUANT_METHODS)} "
+                f"(got {self.quant_method!r})"
+            )
         if self.kv_heads is not None and self.kv_heads < 1:
             raise BuildError(f"--kv-heads must be >= 1 (got {self.kv_heads})")
+        if not 0 <= self.kv_recovery_minutes <= 600:  # also refuses NaN
+            raise BuildError(
+                f"--kv-recovery-minutes must be between 0 (no recovery) and 600 "
+                f"(got {self.kv_recovery_minutes})"
+            )
         if self.kv_grouping not in KV_GROUPINGS:
             raise BuildError(f"--kv-grouping must be one of {', '.join(KV_GROUPINGS)}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise BuildError(
+                f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
+                f"(got {self.kv_cache_dtype!r})"
+            )
 
     def _check_gpu_options(self) -> None:
         if self.dtype is not None and self.dtype not in GPU_DTYPES:
@@ -94,6 +120,11 @@ class BuildConfig:
                 f"--quantize builds ONNX Runtime CPU kernels (MatMulNBits) and is not available "
                 f"with --backend {self.backend}: drop --quantize"
             )
+        if self.backend in GPU_BACKENDS and self.kv_cache_dtype != "float32":
+            raise BuildError(
+                f"--kv-cache-dtype {self.kv_cache_dtype} runs in ONNX Runtime's CPU "
+                f"GroupQueryAttention only, not with --backend {self.backend}: drop it"
+            )
 
     def fingerprint_fields(self) -> dict[str, object]:
         """The fields that shape the engine (not where it goes or how it is checked)."""
@@ -107,4 +138,8 @@ class BuildConfig:
     @property
     def lossy(self) -> bool:
         """Whether a pass that changes the model's outputs is requested (quality is reported)."""
-        return self.quantize is not None or self.kv_heads is not None
+        return (
+            self.quantize is not None
+            or self.kv_heads is not None
+            or self.kv_cache_dtype != "float32"
+        )

@@ -87,6 +87,7 @@ def onnxruntime_passes(dims: ModelDims, inputs: PassInputs | None = None) -> lis
                 accuracy_level=4,
                 embedding_bits=8,
                 embedding_block_size=max(config.block_size, 128),
+                keep_grid=config.quant_method == "auto",
             )
         )
     return passes
@@ -114,9 +115,9 @@ def _collapse_kv_heads(
         )
     elif config.kv_grouping == "similarity" and config.kv_heads < dims.num_kv_heads:
         raise BuildError("--kv-grouping similarity needs the reference model [developer error]")
-    return CollapseKVHeadsPass(
-        config.kv_heads, config.kv_grouping, stats, expected_layers=dims.num_layers
-    )
+    # Already collapsed (with recovery, before the export: compiler/kv_recovery.py): a no-op.
+    grouping = config.kv_grouping if config.kv_heads < dims.num_kv_heads else "contiguous"
+    return CollapseKVHeadsPass(config.kv_heads, grouping, stats, expected_layers=dims.num_layers)
 
 
 def tensorrt_passes(dims: ModelDims, inputs: PassInputs | None = None) -> list[EnginePass]:

@@ -51,6 +51,7 @@ import numpy as np
 import onnx_ir as ir
 
 from enginesmith.passes.base import EnginePass
+from enginesmith.passes.weight_grid import GridFit, fit_grid
 
 ORT_DOMAIN = "com.microsoft"
 SUPPORTED_BITS = (4, 8)
@@ -69,6 +70,9 @@ class BlockQuantized:
     bits: int
     block_size: int
     k: int  # logical K (the packed tensor is padded to a multiple of block_size)
+    # float32 [N, k_blocks] added to every weight of a block (a kept Q4_1 grid's offset m); the
+    # MatMulNBits gets a second product, block sums of its input times these (weight_grid.py).
+    offsets: np.ndarray | None = None
 
     @property
     def n(self) -> int:
@@ -81,7 +85,8 @@ class BlockQuantized:
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        return int(self.packed.nbytes + self.scales.nbytes + zp)
+        offsets = 0 if self.offsets is None else self.offsets.nbytes
+        return int(self.packed.nbytes + self.scales.nbytes + zp + offsets)
 
 
 def _check_bits_block(bits: int, block_size: int) -> None:
@@ -111,6 +116,22 @@ def quantize_rows(w: np.ndarray, bits: int, block_size: int, symmetric: bool) ->
     return BlockQuantized(packed, scales, None if symmetric else zero_points, bits, block_size, k)
 
 
+def from_grid(fit: GridFit, k: int) -> BlockQuantized:
+    """A recovered grid (weight_grid.py) in MatMulNBits' layout: codes packed as they are, the
+    default zero point, the offsets (if any) for the extra block-sum product."""
+    codes = fit.codes
+    packed = codes if fit.bits == 8 else (codes[..., 0::2] | (codes[..., 1::2] << 4))
+    return BlockQuantized(
+        np.ascontiguousarray(packed, np.uint8),
+        fit.scales,
+        None,
+        fit.bits,
+        codes.shape[-1],
+        k,
+        fit.offsets,
+    )
+
+
 def _unpack(data: np.ndarray, bits: int, count: int) -> np.ndarray:
     """uint8 [..., m] holding 8/bits values per byte (low bits first) -> [..., count] ints."""
     if bits == 8:
@@ -136,6 +157,8 @@ def dequantize_rows(q: BlockQuantized) -> np.ndarray:
     """(q - zero_point) * scale as float32 [N, K]: what MatMulNBits and GatherBlockQuantized
     compute from the packed weight."""
     w = (codes(q) - zero_point_values(q)[..., None]).astype(np.float32) * q.scales[..., None]
+    if q.offsets is not None:
+        w += q.offsets[..., None]
     return w.reshape(q.n, -1)[:, : q.k]
 
 
@@ -177,10 +200,13 @@ class QuantizeWeightsPass(EnginePass):
         accuracy_level: int = 4,
         embedding_bits: int | None = None,
         embedding_block_size: int | None = None,
+        keep_grid: bool = False,
     ) -> None:
         """embedding_bits / embedding_block_size: for the token-embedding table and the LM head
         (tied or not), the most sensitive weights and the largest single MatMul of a decode
-        step; None = BITS / BLOCK_SIZE."""
+        step; None = BITS / BLOCK_SIZE. keep_grid: a weight that already sits on a grid of
+        its bits (a GGUF source's Q4_1 / Q8_0, weight_grid.py) keeps it exactly, in blocks of
+        32, instead of being re-rounded."""
         super().__init__()
         _check_bits_block(bits, block_size)
         self.embedding_bits = bits if embedding_bits is None else embedding_bits
@@ -192,6 +218,7 @@ class QuantizeWeightsPass(EnginePass):
         self.block_size = block_size
         self.symmetric = symmetric
         self.accuracy_level = accuracy_level
+        self.keep_grid = keep_grid
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         graph = model.graph
@@ -202,6 +229,7 @@ class QuantizeWeightsPass(EnginePass):
         shared: list[str] = []
         head_blocks: set[int] = set()  # block sizes used for the embedding table / LM head
         quantized_before = quantized_after = 0
+        grids: dict[str, int] = {}  # weights whose source grid was kept, by grid
         total_before = _initializer_bytes(graph.initializers.values())
 
         for weight in list(graph.initializers.values()):
@@ -227,9 +255,11 @@ class QuantizeWeightsPass(EnginePass):
                     # Never more than one block per row of K (a smaller K than the block size
                     # would only be padded).
                     block = min(block_size, max(16, 1 << (int(rows.shape[1]) - 1).bit_length()))
+                    q = self._grid(rows, bits, uses, grids)
+                    if q is None:
+                        q = quantize_rows(rows, bits, block, self.symmetric)
                     if head:
-                        head_blocks.add(block)
-                    q = quantize_rows(rows, bits, block, self.symmetric)
+                        head_blocks.add(q.block_size)
                     prefix = f"{weight.name}{'.T' if transposed else ''}.q{bits}"
                     packed = _add_initializer(graph, prefix, q.packed)
                     packings[transposed] = _Packing(q, prefix, {"packed": packed}, set())
@@ -266,6 +296,7 @@ class QuantizeWeightsPass(EnginePass):
             "matmuls_quantized": counts["matmul"] + counts["gemm_t"],
             "matmulnbits_nodes": sum(1 for n in graph if n.op_type == "MatMulNBits"),
             "gathers_quantized": counts["gather"],
+            "kept_grid": grids,
             "skipped": skipped,
             "lm_head": lm_head,
             "embedding": embedding,
@@ -276,6 +307,20 @@ class QuantizeWeightsPass(EnginePass):
             "weight_bytes_after": _initializer_bytes(graph.initializers.values()),
         }
         return ir.passes.PassResult(model, modified=bool(quantized_before))
+
+    def _grid(
+        self, rows: np.ndarray, bits: int, uses: list[_Use], grids: dict[str, int]
+    ) -> BlockQuantized | None:
+        """ROWS' own grid of BITS when keep_grid is on and they sit on one; offsets only where
+        every reader is a MatMul (GatherBlockQuantized has no offset)."""
+        if not self.keep_grid:
+            return None
+        fit = fit_grid(rows, bits)
+        if fit is None or (fit.offsets is not None and any(u.kind == "gather" for u in uses)):
+            return None
+        name = "q4_1" if fit.offsets is not None else "q8_0"
+        grids[name] = grids.get(name, 0) + 1
+        return from_grid(fit, int(rows.shape[1]))
 
     def _replace_matmul(self, graph: ir.Graph, node: ir.Node, packing: _Packing) -> None:
         q, values = packing.q, packing.values
@@ -297,7 +342,35 @@ class QuantizeWeightsPass(EnginePass):
         if self.accuracy_level:
             attrs["accuracy_level"] = self.accuracy_level
         new = ir.node("MatMulNBits", inputs, attrs, domain=ORT_DOMAIN, name=node.name)
-        _swap(graph, node, [new])
+        _swap(graph, node, [new, *self._offset_nodes(graph, node, new, packing)])
+
+    def _offset_nodes(
+        self, graph: ir.Graph, node: ir.Node, matmul: ir.Node, packing: _Packing
+    ) -> list[ir.Node]:
+        """Y + (block sums of X) @ offsets^T for a kept Q4_1 grid (none without offsets)."""
+        q, values = packing.q, packing.values
+        if q.offsets is None:
+            return []
+        x = node.inputs[0]
+        if "offsets" not in values:  # [k_blocks, N]: MatMul's B layout
+            values["offsets"] = _add_initializer(
+                graph, f"{packing.prefix}.offsets", np.ascontiguousarray(q.offsets.T)
+            )
+        sums_name = f"grid_block_sums.{q.k}x{q.k_blocks}"
+        if sums_name not in graph.initializers:  # [K, k_blocks] 0/1: column b sums block b
+            ones = np.zeros((q.k, q.k_blocks), np.float32)
+            for b in range(q.k_blocks):
+                ones[b * q.block_size : (b + 1) * q.block_size, b] = 1.0
+            _add_initializer(graph, sums_name, ones)
+        prefix = node.name or packing.prefix
+        block_sums = ir.node(
+            "MatMul", [x, graph.initializers[sums_name]], name=f"{prefix}.block_sums"
+        )
+        offset = ir.node(
+            "MatMul", [block_sums.outputs[0], values["offsets"]], name=f"{prefix}.offsets"
+        )
+        add = ir.node("Add", [matmul.outputs[0], offset.outputs[0]], name=f"{prefix}.add_offsets")
+        return [block_sums, offset, add]
 
     def _replace_gather(self, graph: ir.Graph, node: ir.Node, packing: _Packing) -> None:
         q, values = packing.q, packing.values
@@ -426,6 +499,7 @@ def manifest_entry(report: dict[str, Any]) -> dict[str, Any]:
         "embedding_op": f"{ORT_DOMAIN}::GatherBlockQuantized" if report["embedding"] else None,
         "lm_head": "MatMulNBits" if report["lm_head"] else None,
         "tied_table_shared": bool(report["tied_tables_shared"]),
+        "kept_grid": report.get("kept_grid", {}),
         "matmuls_quantized": report["matmuls_quantized"],
         "weight_bytes": report["weight_bytes_after"],
         "weight_bytes_fp32": report["weight_bytes_before"],

@@ -264,6 +264,19 @@ def _table(rows: list[tuple[str, Any]]) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _kv_cache_line(kv: dict[str, Any]) -> str:
+    dtype = kv["dtype"]
+    if kv.get("bit_width"):  # a quantized cache: only GroupQueryAttention's CPU kernel reads it
+        dtype += (
+            f" ({kv['quant_type']} static scales in {kv['scales_file']}; read by ONNX Runtime's "
+            "CPU GroupQueryAttention only, no other attention path)"
+        )
+    return (
+        f"{kv['layout']} {kv['format']} {dtype}, {kv['bytes_per_token']} B/token, "
+        f"{kv['total_bytes'] / 2**20:.1f} MiB preallocated"
+    )
+
+
 def _inspect(args: argparse.Namespace) -> int:
     from enginesmith.runtime.engine_dir import read_manifest
 
@@ -296,11 +309,7 @@ def _inspect(args: argparse.Namespace) -> int:
                     f"{manifest['max_batch']} / {manifest['max_seq_len']} / "
                     f"{manifest.get('max_num_tokens', '-')} per step",
                 ),
-                (
-                    "kv cache",
-                    f"{kv['layout']} {kv['format']} {kv['dtype']}, {kv['bytes_per_token']} B/token, "
-                    f"{kv['total_bytes'] / 2**20:.1f} MiB preallocated",
-                ),
+                ("kv cache", _kv_cache_line(kv)),
                 ("dtypes", manifest["dtypes"]),
                 ("passes", ", ".join(manifest["passes"])),
                 ("eos token ids", manifest["eos_token_ids"]),
@@ -335,6 +344,15 @@ def _inspect(args: argparse.Namespace) -> int:
                     "verify vs transformers",
                     f"max |diff| {v['max_abs_diff']:.2e}, relative {v['relative_diff']:.2e}, "
                     f"top-1 agreement {v['top1_agreement']:.3f} over {v['tokens']} tokens",
+                )
+            )
+        if "quality" in report:
+            q = report["quality"]
+            rows.append(
+                (
+                    "quality vs fp32 (held-out)",
+                    f"perplexity {q['perplexity_reference']:.3f} -> {q['perplexity_engine']:.3f}, "
+                    f"top-1 agreement {q['top1_agreement']:.3f} over {q['tokens']} tokens",
                 )
             )
         print(_table(rows))

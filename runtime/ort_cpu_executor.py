@@ -14,17 +14,18 @@ from typing import Any
 
 import numpy as np
 
+from enginesmith.plugins.flash_attention import kv_quant
 from enginesmith.runtime.errors import BackendUnavailableError
 from enginesmith.runtime.executor import bind_step_inputs, check_slot_range, warmup_idle_steps
 
 
-def resident_zeros(shape: tuple[int, ...]) -> np.ndarray:
-    """fp32 zeros whose every page is already backed by memory. np.zeros maps pages lazily, so
+def resident_zeros(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
+    """Zeros whose every page is already backed by memory. np.zeros maps pages lazily, so
     the cache's first writes would fault them in during serving steps; on this kind of VM a
     first touch runs at ~0.5 GB/s instead of ~20. Paying that at load keeps it out of request
     latency."""
-    out = np.empty(shape, np.float32)
-    out.fill(0.0)
+    out = np.empty(shape, dtype)
+    out.fill(0)
     return out
 
 
@@ -71,11 +72,16 @@ class OrtCpuExecutor:
             options,
             providers=["CPUExecutionProvider"],
         )
-        kv_shape = (self.max_batch, model["num_kv_heads"], self.max_seq_len, model["head_dim"])
+        # float32, or a quantized cache (kv_quant.py: int8, or int4 packed two per uint8 byte);
+        # its scales are initializers of the graph.
+        self.kv_cache_dtype: str = manifest["kv_cache"].get("dtype", "float32")
+        last_dim = kv_quant.cache_last_dim(self.kv_cache_dtype, model["head_dim"])
+        kv_shape = (self.max_batch, model["num_kv_heads"], self.max_seq_len, last_dim)
         # [layers, max_batch, kv_heads, max_seq_len, head_dim] per kind, allocated once; layer i
         # is the contiguous view cache_key[i] that ONNX Runtime binds.
-        self.cache_key_all = resident_zeros((self.num_layers, *kv_shape))
-        self.cache_value_all = resident_zeros((self.num_layers, *kv_shape))
+        element = kv_quant.cache_numpy_dtype(self.kv_cache_dtype)
+        self.cache_key_all = resident_zeros((self.num_layers, *kv_shape), element)
+        self.cache_value_all = resident_zeros((self.num_layers, *kv_shape), element)
         self.cache_key = list(self.cache_key_all)
         self.cache_value = list(self.cache_value_all)
         self._bindings: dict[tuple[int, int], Any] = {}

@@ -183,7 +183,9 @@ def test_kv_cache_memory_is_resident_from_load(tiny_engine, monkeypatch) -> None
 
     made = []
     monkeypatch.setattr(
-        session_module, "resident_zeros", lambda s: made.append(s) or resident_zeros(s)
+        session_module,
+        "resident_zeros",
+        lambda s, *dtype: made.append(s) or resident_zeros(s, *dtype),
     )
     llm = LLM(tiny_engine("tiny-llama"))
     assert made[-2:] == [llm.executor.cache_key_all.shape, llm.executor.cache_value_all.shape]

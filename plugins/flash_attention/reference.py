@@ -6,6 +6,8 @@ compare every lowering against it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from enginesmith.plugins.flash_attention.schema import FlashAttentionAttrs
@@ -43,8 +45,12 @@ def flash_attention_reference(
     query_seqlens: np.ndarray,  # [B] int32
     cos_cache: np.ndarray | None = None,  # [max_positions, rotary_dim / 2] (rotary = 1)
     sin_cache: np.ndarray | None = None,
+    store: Callable[[str, np.ndarray], np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Return (output, cache_key, cache_value); the caches are updated copies."""
+    """Return (output, cache_key, cache_value); the caches are updated copies.
+
+    STORE("key" | "value", rows [Nkv, Q, H]) -> rows models a lossy cache: what a new token
+    reads back after it is written (a quantized cache's round trip, kv_quant.round_trip)."""
     batch, seq, _ = query.shape
     n, nkv, h = attrs.num_heads, attrs.kv_num_heads, attrs.head_dim
     group = n // nkv
@@ -66,8 +72,11 @@ def flash_attention_reference(
                 q_bsnh[b, s] = rotate(q_bsnh[b, s], cos, sin, inter)
                 k_bsnh[b, s] = rotate(k_bsnh[b, s], cos, sin, inter)
         # [Nkv, Q, H] -> cache positions [past, total)
-        cache_key[b, :, past:total] = k_bsnh[b, :valid].transpose(1, 0, 2)
-        cache_value[b, :, past:total] = v_bsnh[b, :valid].transpose(1, 0, 2)
+        new_k, new_v = k_bsnh[b, :valid].transpose(1, 0, 2), v_bsnh[b, :valid].transpose(1, 0, 2)
+        if store is not None:
+            new_k, new_v = store("key", new_k), store("value", new_v)
+        cache_key[b, :, past:total] = new_k
+        cache_value[b, :, past:total] = new_v
         keys = cache_key[b, :, :total].astype(np.float64)  # [Nkv, T, H]
         values = cache_value[b, :, :total].astype(np.float64)
         for s in range(valid):
