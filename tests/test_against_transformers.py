@@ -14,7 +14,7 @@ import torch
 from enginesmith import LLM, SamplingParams
 from tests.conftest import PROMPTS, TINY_PRESETS, check_biases_are_nonzero
 
-LOGITS_RTOL = 1e-5  # measured <= 9.4e-7 on the tiny presets, 1.5e-6 to 2.2e-6 on SmolLM2
+LOGITS_RTOL = 1e-5  # measured <= 9.4e-7 on the tiny presets, 1.0e-6 to 2.5e-6 on SmolLM2
 NEW_TOKENS = 32
 
 
