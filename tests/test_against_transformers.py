@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from enginesmith import LLM, SamplingParams
-from tests.conftest import PROMPTS, TINY_PRESETS
+from tests.conftest import PROMPTS, TINY_PRESETS, check_biases_are_nonzero
 
-LOGITS_RTOL = 1e-5  # measured <= 9.4e-7 on the tiny presets, 1.5e-6 to 2.2e-6 on SmolLM2
+LOGITS_RTOL = 1e-5  # measured <= 9.4e-7 on the tiny presets, 1.0e-6 to 2.5e-6 on SmolLM2
 NEW_TOKENS = 32
 
 
@@ -65,6 +65,20 @@ def check_model(llm: LLM, loaded) -> None:  # type: ignore[no-untyped-def]
 def test_tiny_models_match_transformers(preset: str, tiny_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
     llm = LLM(tiny_engine(preset))
     check_model(llm, hf_models(preset))
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen2", "tiny-qwen2-gqa"])
+def test_presets_with_biases_have_random_nonzero_biases(preset: str, hf_models) -> None:  # type: ignore[no-untyped-def]
+    """q/k/v biases in every layer, none of them 0.0 (transformers' initialisation would leave
+    every one at exactly 0.0, and a zero bias checks nothing)."""
+    model = hf_models(preset).model
+    names = check_biases_are_nonzero(model)
+    layers = model.config.num_hidden_layers
+    assert sorted(names) == sorted(
+        f"model.layers.{i}.self_attn.{p}_proj" for i in range(layers) for p in "qkv"
+    )
+    spread = min(float(m.bias.std()) for n, m in model.named_modules() if n in names)
+    assert spread > 0.2, f"biases too small to matter (std {spread:.3f})"
 
 
 def test_sliding_window_is_exercised(tiny_engine, hf_models) -> None:  # type: ignore[no-untyped-def]
