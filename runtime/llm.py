@@ -175,10 +175,18 @@ class LLM:
             if event.delta:
                 yield event.delta
 
-    def new_request(self, prompt: str, params: SamplingParams | None = None) -> LiveRequest:
-        """A request for `events`: the prompt is tokenized and checked here (InvalidRequestError
-        at once), nothing runs until `events` iterates."""
-        return self._make_requests(prompt, params)[0]
+    def new_request(
+        self,
+        prompt: str,
+        params: SamplingParams | None = None,
+        prompt_ids: list[int] | None = None,
+    ) -> LiveRequest:
+        """A request for `events`: the prompt is tokenized (unless PROMPT_IDS, from `encode`,
+        are given) and checked here (InvalidRequestError at once); nothing runs until `events`
+        iterates."""
+        if prompt_ids is None:
+            return self._make_requests(prompt, params)[0]
+        return self.core.new_request(prompt, list(prompt_ids), params or SamplingParams())
 
     def events(self, request: LiveRequest) -> AsyncIterator[StepEvent]:
         """Async StepEvents of REQUEST (text delta, token ids, logprobs, finished) from the

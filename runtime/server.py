@@ -235,7 +235,8 @@ def _prepare(
     seed + 1, ... when a seed is given, so the n choices differ but repeat run to run)."""
     jobs = []
     for p_index, prompt in enumerate(prompts):
-        prompt_len = len(llm.encode(prompt))  # raises InvalidRequestError (400) when too long
+        prompt_ids = llm.encode(prompt)  # raises InvalidRequestError (400) when too long
+        prompt_len = len(prompt_ids)
         room = llm.max_seq_len - prompt_len
         if max_tokens is not None and max_tokens > room:
             raise APIError(
@@ -256,7 +257,8 @@ def _prepare(
                 ignore_eos=body.ignore_eos,
                 logprobs=num_logprobs,
             )
-            jobs.append(_Job(p_index * body.n + i, p_index, llm.new_request(prompt, params)))
+            request = llm.new_request(prompt, params, prompt_ids)
+            jobs.append(_Job(p_index * body.n + i, p_index, request))
     return jobs
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import signal
 import threading
 import time
@@ -361,3 +362,52 @@ def test_draining_answers_503(served) -> None:  # type: ignore[no-untyped-def]
     finally:
         state.draining = False
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_mini_soak_loses_nothing(engine) -> None:  # type: ignore[no-untyped-def]
+    """60 requests from 8 clients: good ones (streaming or not), ones that disconnect and bad
+    ones; every good one completes, every bad one is a 4xx, and all slots return."""
+    llm = LLM(engine, spin_wait=False)
+    server = ThreadedServer(create_app(llm, model_name=MODEL))
+    rng = random.Random(0)
+    plan = [(rng.choice(["good", "good", "leave", "bad"]), rng.random() < 0.5) for _ in range(60)]
+    statuses: dict[str, list[int]] = {"good": [], "bad": []}
+
+    async def one(client: httpx.AsyncClient, kind: str, stream: bool) -> None:
+        if kind == "bad":
+            body = rng.choice([completion(temperature=-1), completion(foo=1), {"model": MODEL}])
+            statuses["bad"].append((await client.post("/v1/completions", json=body)).status_code)
+            return
+        tokens = 200 if kind == "leave" else 16
+        body = long_completion(max_tokens=tokens, stream=stream)
+        if kind == "leave":
+            task = asyncio.create_task(client.post("/v1/completions", json=body))
+            await asyncio.sleep(rng.uniform(0, 0.05))
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            return
+        response = await client.post("/v1/completions", json=body)
+        ok = response.status_code == 200 and (
+            stream or response.json()["usage"]["completion_tokens"] == tokens
+        )
+        statuses["good"].append(200 if ok else response.status_code)
+
+    async def run() -> None:
+        queue = list(plan)
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as client:
+
+            async def worker() -> None:
+                while queue:
+                    await one(client, *queue.pop())
+
+            await asyncio.gather(*(worker() for _ in range(8)))
+
+    try:
+        asyncio.run(run())
+        assert statuses["good"] and set(statuses["good"]) == {200}
+        assert statuses["bad"] and all(400 <= s < 500 for s in statuses["bad"])
+        wait_for(lambda: slots_used(llm) == 0 and not llm.core.live, 2.0, "every slot back")
+    finally:
+        server.stop()
+        llm.close()

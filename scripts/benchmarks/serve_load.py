@@ -99,6 +99,14 @@ class Server:
         return self.proc.wait(120)
 
 
+def server_mean_ms(before: dict[str, float], after: dict[str, float], histogram: str) -> float:
+    """Mean of HISTOGRAM's observations between two scrapes, in ms."""
+    name = f"enginesmith:{histogram}"
+    count = gauge(after, f"{name}_count") - gauge(before, f"{name}_count")
+    total = gauge(after, f"{name}_sum") - gauge(before, f"{name}_sum")
+    return 1000 * total / count if count else float("nan")
+
+
 def gauge(gauges: dict[str, float], prefix: str, label: str = "") -> float:
     return sum(v for k, v in gauges.items() if k.startswith(prefix) and label in k)
 
@@ -151,7 +159,9 @@ def run_aiperf(
         str(out_dir),
     ]
     log(f"aiperf at concurrency {concurrency}: {requests} requests")
+    before, load_before = server.gauges(), os.getloadavg()[0]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=args.level_timeout)
+    after, load_after = server.gauges(), os.getloadavg()[0]
     summary_path = out_dir / "profile_export_aiperf.json"
     if done.returncode != 0 or not summary_path.is_file():
         sys.stderr.write(done.stdout[-4000:] + done.stderr[-4000:])
@@ -173,6 +183,12 @@ def run_aiperf(
         "ttft_ms": {p: stat("time_to_first_token", p) for p in ("p50", "p90", "p99")},
         "itl_ms": {p: stat("inter_token_latency", p) for p in ("p50", "p90", "p99")},
         "latency_ms": {p: stat("request_latency", p) for p in ("p50", "p99")},
+        # The server's own view (its histograms' means over this level, warmup included): what
+        # the engine did, without the client's and the network's share.
+        "server_mean_ttft_ms": server_mean_ms(before, after, "time_to_first_token_seconds"),
+        "server_mean_itl_ms": server_mean_ms(before, after, "inter_token_latency_seconds"),
+        # 1-minute load average of the machine before and after the level (2 cores here).
+        "load_average": [load_before, load_after],
         "aiperf_command": " ".join(cmd[2:]),
     }
 
@@ -395,6 +411,8 @@ def render(result: dict[str, Any]) -> str:
                     f(r["itl_ms"]["p50"]),
                     f(r["itl_ms"]["p99"]),
                     f(r["latency_ms"]["p50"], 0),
+                    f(r["server_mean_itl_ms"]),
+                    f(sum(r["load_average"]) / 2),
                 ]
             )
         headers = [
@@ -407,6 +425,8 @@ def render(result: dict[str, Any]) -> str:
             "ITL p50 ms",
             "ITL p99 ms",
             "latency p50 ms",
+            "server ITL mean ms",
+            "load avg",
         ]
         lines += ["load (aiperf, streaming chat)", format_table(headers, rows), ""]
     if result.get("soak"):
