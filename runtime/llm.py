@@ -23,6 +23,7 @@ from enginesmith.runtime.errors import BackendUnavailableError, InvalidRequestEr
 from enginesmith.runtime.executor import Executor
 from enginesmith.runtime.executors import EXECUTOR_BACKENDS, open_executor
 from enginesmith.runtime.sampling import SamplingParams
+from enginesmith.runtime.speculation import SpecStats
 
 # Per-step token budget when the manifest does not set one (older engines).
 DEFAULT_MAX_NUM_TOKENS = 512
@@ -62,6 +63,9 @@ class LLM:
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
         spin_wait: bool = True,
+        speculative: bool = True,
+        draft: str | None = None,
+        max_draft_len: int | None = None,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -73,6 +77,11 @@ class LLM:
             synchronous caller (generate/stream); pass False to serve concurrent async callers
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
+        speculative: speculate when the engine has a draft (build-engine --draft) or DRAFT is
+            given; False never does (docs/speculative.md).
+        draft: a draft source without a rebuild: "ngram", "suffix", a hybrid such as
+            "suffix+self:int8", or the path of another engine directory sharing the tokenizer.
+        max_draft_len: the most draft tokens per request per step (default: the build's).
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
@@ -100,6 +109,14 @@ class LLM:
                 f"kv_budget_tokens ({kv_budget_tokens}) must hold at least one full sequence "
                 f"({self.max_seq_len} tokens): raise it"
             )
+        source = draft or self.manifest.get("speculative", {}).get("draft")
+        speculator = None
+        if speculative and source:
+            from enginesmith.runtime.proposers import make_speculator
+
+            speculator = make_speculator(
+                source, self.engine_dir, self.manifest, max_draft_len, threads, verify_files
+            )
         self.core = EngineCore(
             self.executor,
             self._decode,
@@ -107,9 +124,15 @@ class LLM:
             max_num_tokens=budget,
             kv_budget_tokens=kv_budget_tokens,
             max_waiting=max_waiting,
+            speculator=speculator,
         )
         self._lock = threading.Lock()  # one driver of the core at a time
         self._loop_thread: _EngineLoop | None = None
+
+    @property
+    def spec_stats(self) -> SpecStats | None:
+        """Speculation counters summed over every request so far (None: not speculating)."""
+        return None if self.core.speculator is None else self.core.speculator.totals
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

@@ -1,0 +1,289 @@
+"""Speculative decoding: the verifier (pure), proposers, the scheduler's draft tokens, and the
+whole loop on tiny engines, where greedy output must equal target-only output exactly."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from enginesmith import LLM, SamplingParams
+from enginesmith.runtime.proposer_ngram import ngram_lookup
+from enginesmith.runtime.sampling import Sampler
+from enginesmith.runtime.scheduler import KVCacheManager, SchedRequest, Scheduler
+from enginesmith.runtime.spec_policy import DraftLengthPolicy, expected_tokens
+from enginesmith.runtime.spec_proposer import Draft, SpecRequest
+from enginesmith.runtime.spec_verify import verify
+from enginesmith.runtime.speculation import Speculator
+from tests.conftest import PROMPTS
+
+MANY_PROMPTS = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)]
+
+# -- the verifier, greedy ------------------------------------------------------------------
+
+
+def one_hot_rows(tokens: Sequence[int], vocab: int = 10) -> np.ndarray:
+    logits = np.zeros((len(tokens), vocab), np.float32)
+    logits[np.arange(len(tokens)), tokens] = 5.0
+    return logits
+
+
+GREEDY = Sampler(SamplingParams())
+
+
+@pytest.mark.parametrize("wrong_at", [0, 1, 2, 3, None])
+def test_greedy_verify_accepts_the_exact_prefix_then_the_target_token(wrong_at) -> None:  # type: ignore[no-untyped-def]
+    target = [3, 1, 4, 1, 5]  # the target's argmax after 0..4 drafts
+    draft = target[:4]
+    if wrong_at is not None:
+        draft[wrong_at] = 9
+    out = verify(draft, None, one_hot_rows(target), GREEDY)
+    keep = 4 if wrong_at is None else wrong_at
+    assert out == target[: keep + 1]
+
+
+def test_verify_checks_row_counts() -> None:
+    with pytest.raises(ValueError, match="developer error"):
+        verify([1, 2], None, one_hot_rows([1, 2]), GREEDY)
+
+
+# -- the verifier, rejection sampling ------------------------------------------------------
+
+VOCAB = 5
+
+
+def random_dists(rng: np.random.Generator, rows: int) -> np.ndarray:
+    return rng.dirichlet(np.ones(VOCAB) * 0.7, size=rows)
+
+
+def chi_square_ok(counts: np.ndarray, probs: np.ndarray) -> bool:
+    """Pearson's test at a false-failure rate of 1e-4: the chi-square critical value by the
+    Wilson-Hilferty approximation (24.2 for 4 degrees of freedom where the exact one is 23.5;
+    58.9 for 24, exact 59.0)."""
+    n = counts.sum()
+    mask = probs > 0
+    assert counts[~mask].sum() == 0, "a token the target gives probability 0 was emitted"
+    stat = float((((counts - n * probs) ** 2)[mask] / (n * probs[mask])).sum())
+    df = int(mask.sum()) - 1
+    z = 3.719  # the standard normal's 1 - 1e-4 quantile
+    critical = df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+    return stat < critical
+
+
+@pytest.mark.parametrize("model_draft", [True, False])
+def test_rejection_sampling_keeps_the_target_distribution(model_draft: bool) -> None:
+    """Target rows independent of context (an i.i.d. model), K = 2: the first two emitted
+    tokens must be distributed as p0 x p1, whatever q proposes. Seeded, so it never flakes;
+    over random seeds it fails with probability ~2e-4 (two tests at 1e-4)."""
+    rng = np.random.default_rng(0)
+    p = random_dists(rng, 3)  # [K + 1, vocab]
+    q = random_dists(rng, 2)
+    logits = np.log(p).astype(np.float64)
+    sampler = Sampler(SamplingParams(temperature=1.0, seed=1))
+    draws = 40_000
+    first = np.zeros(VOCAB)
+    pairs = np.zeros((VOCAB, VOCAB))
+    for _ in range(draws):
+        if model_draft:
+            draft = [int(rng.choice(VOCAB, p=q[i])) for i in range(2)]
+            out = verify(draft, q, logits, sampler)
+        else:  # a point mass on fixed tokens: model-free drafts
+            out = verify([0, 3], None, logits, sampler)
+        first[out[0]] += 1
+        if len(out) >= 2:
+            pairs[out[0], out[1]] += 1
+        else:  # rejected at 0: the next token would come from a fresh step on p1
+            pairs[out[0], sampler.draw(p[1])] += 1
+    assert chi_square_ok(first, p[0])
+    assert chi_square_ok(pairs.ravel(), np.outer(p[0], p[1]).ravel())
+
+
+def test_rejection_sampling_applies_the_request_filters_to_p_and_q() -> None:
+    """top_k=2 on the target: no token outside its two most likely ever comes out."""
+    rng = np.random.default_rng(3)
+    logits = np.log(random_dists(rng, 2))
+    allowed = set(np.argsort(logits[0])[-2:]) | set(np.argsort(logits[1])[-2:])
+    sampler = Sampler(SamplingParams(temperature=0.8, top_k=2, seed=2))
+    for token in range(VOCAB):
+        assert set(verify([token], None, logits, sampler)) <= allowed
+
+
+def test_seeded_verification_is_reproducible() -> None:
+    logits = np.log(random_dists(np.random.default_rng(5), 4))
+    runs = []
+    for _ in range(2):
+        sampler = Sampler(SamplingParams(temperature=1.0, seed=7))
+        runs.append([verify([1, 2, 3], None, logits, sampler) for _ in range(50)])
+    assert runs[0] == runs[1]
+
+
+# -- proposers and the policy ---------------------------------------------------------------
+
+
+def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
+    assert ngram_lookup([1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3], 2) == [7, 5]
+    assert ngram_lookup([4, 5, 6], 3) == []
+    assert ngram_lookup([8, 8], 3) == [8, 8, 8]  # a run continues itself
+    assert ngram_lookup([1, 2, 1], 4) == [2, 1, 2, 1]
+
+
+def test_policy_drafts_less_as_the_batch_grows() -> None:
+    policy = DraftLengthPolicy(max_draft_len=7, token_cost_ratio=0.06)
+    ks = [policy.choose(0.75, batch) for batch in (1, 4, 16, 64)]
+    assert ks == sorted(ks, reverse=True) and ks[0] >= 3 and ks[-1] == 0
+    assert policy.choose(0.05, 1) == 0  # drafts that are never accepted are not worth a token
+    assert expected_tokens(0.5, 1) == pytest.approx(1.5)
+
+
+# -- the scheduler with draft tokens --------------------------------------------------------
+
+
+def test_drafts_count_in_the_budget_and_rejection_rolls_back() -> None:
+    s = Scheduler(KVCacheManager(2, 64), max_num_tokens=6)
+    r = SchedRequest(list(range(4)), 10, request_id="r")
+    s.add_request(r)
+    out = s.schedule()
+    s.update(out, {"r": 7})  # prefill 4, first token sampled
+    r.spec_token_ids = [1, 2, 3, 4, 5, 6]
+    out = s.schedule()
+    (chunk,) = out.chunks
+    assert chunk.num_new_tokens == 6 and chunk.spec_token_ids == [1, 2, 3, 4, 5]  # budget cut
+    assert chunk.token_ids() == [7, 1, 2, 3, 4, 5] and chunk.samples
+    s.update(out, {"r": [1, 2, 9]})  # two drafts kept, the third rejected, 9 from the target
+    assert r.output_token_ids == [7, 1, 2, 9]
+    assert r.num_computed_tokens == 4 + 1 + 2  # prompt, 7 and the two kept drafts; not 9
+    assert r.spec_token_ids == []
+
+
+# -- the whole loop on a tiny engine --------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_engine):  # type: ignore[no-untyped-def]
+    return tiny_engine("tiny-llama", max_batch=4, max_seq_len=128)
+
+
+def greedy_params(n: int) -> list[SamplingParams]:
+    return [SamplingParams(max_tokens=5 + (9 * i) % 31, ignore_eos=True) for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def reference(engine):  # type: ignore[no-untyped-def]
+    """Target-only greedy token ids of MANY_PROMPTS, each alone."""
+    llm = LLM(engine)
+    params = greedy_params(len(MANY_PROMPTS))
+    return [llm.generate(p, sp)[0].token_ids for p, sp in zip(MANY_PROMPTS, params, strict=True)]
+
+
+@pytest.mark.parametrize("draft", ["ngram", "suffix"])
+def test_speculative_greedy_equals_target_greedy(engine, reference, draft: str) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(engine, draft=draft)
+    params = greedy_params(len(MANY_PROMPTS))
+    alone = [llm.generate(p, sp)[0] for p, sp in zip(MANY_PROMPTS, params, strict=True)]
+    assert [o.token_ids for o in alone] == reference
+    batched = llm.generate(MANY_PROMPTS, params)
+    assert [o.token_ids for o in batched] == reference
+    stats = llm.spec_stats
+    assert stats is not None and stats.accepted_tokens > 0 and stats.tokens_per_target_call > 1
+    assert sum(o.stats.spec.accepted_tokens for o in batched + alone) == stats.accepted_tokens
+
+
+def test_speculation_with_preemption_and_a_small_budget(engine, reference) -> None:  # type: ignore[no-untyped-def]
+    params = greedy_params(len(MANY_PROMPTS))
+    tight = LLM(engine, draft="ngram", kv_budget_tokens=160, max_num_tokens=7)
+    outs = tight.generate(MANY_PROMPTS, params)
+    assert [o.token_ids for o in outs] == reference
+    assert tight.core.scheduler.kv.tokens_in_use == 0
+    long = [PROMPTS[1] * 2] * 6
+    long_params = [SamplingParams(max_tokens=40, ignore_eos=True)] * 6
+    expected = LLM(engine).generate(long, long_params)
+    outs = LLM(engine, draft="ngram", kv_budget_tokens=160).generate(long, long_params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert sum(o.stats.num_preemptions for o in outs) > 0
+
+
+class OracleProposer:
+    """Proposes the target's own continuation, wrong from draft position WRONG_AT on."""
+
+    name = "oracle"
+    is_model = False
+
+    def __init__(self, answers: dict[str, list[int]], wrong_at: int) -> None:
+        self.answers, self.wrong_at = answers, wrong_at
+
+    def propose(self, requests: Sequence[SpecRequest]) -> dict[str, Draft]:
+        drafts = {}
+        for r in requests:
+            full = self.answers[r.request_id]
+            tokens = full[len(r.token_ids) : len(r.token_ids) + r.max_draft]
+            tokens = [t if i < self.wrong_at else (t + 1) % 50 for i, t in enumerate(tokens)]
+            drafts[r.request_id] = Draft(tokens)
+        return drafts
+
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+        pass
+
+
+@pytest.mark.parametrize("wrong_at", [0, 1, 2, 3, 4])
+def test_rollback_at_every_draft_position(engine, wrong_at: int) -> None:  # type: ignore[no-untyped-def]
+    """Drafts right up to position WRONG_AT of 4: exactly WRONG_AT are kept each round, the
+    rest roll back, and the output is the target's."""
+    params = SamplingParams(max_tokens=30, ignore_eos=True)
+    plain = LLM(engine)
+    expected = {p: plain.generate(p, params)[0] for p in PROMPTS}
+    llm = LLM(engine, draft="ngram", max_draft_len=4)
+    assert llm.core.speculator is not None
+    llm.core.speculator.policy = DraftLengthPolicy(max_draft_len=4, token_cost_ratio=0.0)
+    requests = llm._make_requests(list(PROMPTS), params)
+    answers = {
+        r.request_id: r.sched.prompt_token_ids + expected[p].token_ids
+        for r, p in zip(requests, PROMPTS, strict=True)
+    }
+    llm.core.speculator.proposer = OracleProposer(answers, wrong_at)
+    for _ in llm._drive(requests):
+        pass
+    for r, p in zip(requests, PROMPTS, strict=True):
+        assert r.output().token_ids == expected[p].token_ids
+        stats = r.stats.spec
+        assert stats.accepted_tokens == sum(min(wrong_at, k) for k in _round_sizes(stats))
+        assert stats.rounds > 0
+
+
+def _round_sizes(stats) -> list[int]:  # type: ignore[no-untyped-def]
+    """Draft sizes are 4 except near max_tokens; with a perfect prefix of WRONG_AT each round
+    keeps min(WRONG_AT, size): checked through totals (every round but the last has 4)."""
+    full, rest = divmod(stats.draft_tokens, 4)
+    return [4] * full + ([rest] if rest else [])
+
+
+def test_stops_and_max_tokens_behave_as_without_speculation(engine) -> None:  # type: ignore[no-untyped-def]
+    plain, spec = LLM(engine), LLM(engine, draft="ngram")
+    base = plain.generate(PROMPTS[0], SamplingParams(max_tokens=40, ignore_eos=True))[0]
+    stop = base.text[len(base.text) // 2 : len(base.text) // 2 + 3]
+    for params in (
+        SamplingParams(max_tokens=7, ignore_eos=True),
+        SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]),
+        SamplingParams(max_tokens=40, stop_token_ids=[base.token_ids[11]]),
+    ):
+        a = plain.generate(PROMPTS[0], params)[0]
+        b = spec.generate(PROMPTS[0], params)[0]
+        assert (b.token_ids, b.text, b.finish_reason) == (a.token_ids, a.text, a.finish_reason)
+
+
+def test_speculative_false_never_speculates(engine) -> None:  # type: ignore[no-untyped-def]
+    assert LLM(engine, draft="ngram", speculative=False).core.speculator is None
+    assert LLM(engine).core.speculator is None  # no draft in the manifest
+
+
+def test_seeded_sampling_with_speculation_is_reproducible(engine) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(max_tokens=30, temperature=0.8, seed=11, ignore_eos=True)
+    a = LLM(engine, draft="ngram").generate(PROMPTS, params)
+    b = LLM(engine, draft="ngram").generate(PROMPTS, params)
+    assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_a_speculator_is_built_for_model_free_sources(engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(engine, draft="ngram", max_draft_len=3)
+    assert isinstance(llm.core.speculator, Speculator)
+    assert llm.core.speculator.policy.max_draft_len == 3
