@@ -287,3 +287,22 @@ def test_a_speculator_is_built_for_model_free_sources(engine) -> None:  # type: 
     llm = LLM(engine, draft="ngram", max_draft_len=3)
     assert isinstance(llm.core.speculator, Speculator)
     assert llm.core.speculator.policy.max_draft_len == 3
+
+
+def test_suffix_trie_follows_the_most_frequent_continuation() -> None:
+    from enginesmith.runtime.proposer_suffix import SuffixTrie
+
+    trie = SuffixTrie(depth=8)
+    trie.extend([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 5, 6])
+    assert trie.lookup([9, 1, 2], 4)[0] == [3, 4, 1, 2]  # "1 2" went on to 3 twice, to 5 once
+    assert trie.lookup([7, 7], 4) == ([], 0.0)
+    assert trie.lookup([2, 5], 1)[0] == [6]
+
+
+def test_suffix_proposer_learns_from_finished_requests() -> None:
+    from enginesmith.runtime.proposer_suffix import SuffixProposer
+
+    proposer = SuffixProposer()
+    proposer.finish("old", [0, 0, 4, 5, 6, 7, 8, 9], num_prompt_tokens=2)
+    ask = SpecRequest("new", [1, 2, 4, 5], 2, slot=0, max_draft=3, sampler=GREEDY)
+    assert proposer.propose([ask])["new"].tokens == [6, 7, 8]
