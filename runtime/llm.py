@@ -115,7 +115,13 @@ class LLM:
             from enginesmith.runtime.proposers import make_speculator
 
             speculator = make_speculator(
-                source, self.engine_dir, self.manifest, max_draft_len, threads, verify_files
+                source,
+                self.engine_dir,
+                self.manifest,
+                max_draft_len,
+                threads,
+                verify_files,
+                target=self.executor,
             )
         self.core = EngineCore(
             self.executor,

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from enginesmith.runtime.errors import InvalidRequestError
+from enginesmith.runtime.executor import Executor
 from enginesmith.runtime.spec_policy import DraftLengthPolicy
 from enginesmith.runtime.spec_proposer import Proposer, parse_draft_source
 from enginesmith.runtime.speculation import Speculator
@@ -20,6 +21,7 @@ def make_speculator(
     max_draft_len: int | None = None,
     threads: int | None = None,
     verify_files: bool = True,
+    target: Executor | None = None,
 ) -> Speculator:
     """A Speculator for SOURCE ('ngram', 'suffix', 'self:int8', 'draft', a model engine path,
     or a hybrid 'suffix+self:int8' that asks the model only when the first finds nothing)."""
@@ -36,7 +38,10 @@ def make_speculator(
         from enginesmith.runtime.proposer_hybrid import HybridProposer
 
         proposer = HybridProposer(parts)
-    draft_cost = getattr(proposer, "draft_cost", 0.0)
+    for part in parts:  # c of a model draft: timed against the target when it is at hand
+        if target is not None and hasattr(part, "measure_cost"):
+            part.measure_cost(target)
+    draft_cost = float(getattr(proposer if len(parts) == 1 else parts[-1], "draft_cost", 0.0))
     policy = DraftLengthPolicy(max_draft_len=k, draft_cost=draft_cost)
     return Speculator(proposer, policy, manifest["max_seq_len"])
 

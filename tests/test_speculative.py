@@ -306,3 +306,76 @@ def test_suffix_proposer_learns_from_finished_requests() -> None:
     proposer.finish("old", [0, 0, 4, 5, 6, 7, 8, 9], num_prompt_tokens=2)
     ask = SpecRequest("new", [1, 2, 4, 5], 2, slot=0, max_draft=3, sampler=GREEDY)
     assert proposer.propose([ask])["new"].tokens == [6, 7, 8]
+
+
+# -- model drafts ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def engine_with_draft(tiny_engine):  # type: ignore[no-untyped-def]
+    return tiny_engine("tiny-llama", max_batch=4, max_seq_len=128, draft="suffix+self:int8")
+
+
+def always_draft(llm: LLM) -> LLM:
+    """Tiny drafts cost about a target step; make the policy draft anyway (K = max)."""
+    assert llm.core.speculator is not None
+    llm.core.speculator.policy = DraftLengthPolicy(max_draft_len=4, token_cost_ratio=0.0)
+    return llm
+
+
+@pytest.mark.parametrize("draft", [None, "self:int8", "ngram+self:int8"])
+def test_model_drafts_keep_greedy_output(engine_with_draft, draft) -> None:  # type: ignore[no-untyped-def]
+    params = greedy_params(len(MANY_PROMPTS))
+    expected = LLM(engine_with_draft, speculative=False).generate(MANY_PROMPTS, params)
+    llm = always_draft(LLM(engine_with_draft, draft=draft, kv_budget_tokens=200))
+    outs = llm.generate(MANY_PROMPTS, params)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in expected]
+    assert llm.spec_stats is not None and llm.spec_stats.accepted_tokens > 0
+
+
+def test_model_draft_sampling_is_seeded(engine_with_draft) -> None:  # type: ignore[no-untyped-def]
+    params = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
+    runs = [
+        always_draft(LLM(engine_with_draft, draft="self:int8")).generate(PROMPTS, params)
+        for _ in range(2)
+    ]
+    assert [o.token_ids for o in runs[0]] == [o.token_ids for o in runs[1]]
+
+
+def test_build_records_the_draft_and_hashes_it(engine_with_draft) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    manifest = json.loads((engine_with_draft / "manifest.json").read_text())
+    assert manifest["speculative"]["draft"] == "suffix+self:int8"
+    assert "draft/model.onnx" in manifest["files"]
+    draft = json.loads((engine_with_draft / "draft" / "manifest.json").read_text())
+    assert draft["quantization"]["mode"] == "int8"
+    assert manifest["speculative"]["draft_manifest_sha256"] == draft["manifest_sha256"]
+
+
+def test_a_draft_with_another_tokenizer_is_refused(engine, tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    from enginesmith.runtime.errors import InvalidRequestError
+
+    other = tiny_engine("tiny-qwen2", max_batch=4, max_seq_len=128)
+    with pytest.raises(InvalidRequestError, match="tokenizer differs"):
+        LLM(engine, draft=str(other))
+
+
+def test_a_self_draft_needs_a_built_draft(engine) -> None:  # type: ignore[no-untyped-def]
+    from enginesmith.runtime.errors import InvalidRequestError
+
+    with pytest.raises(InvalidRequestError, match="--draft self:int8"):
+        LLM(engine, draft="self:int8")
+
+
+def test_build_config_checks_the_draft() -> None:
+    from pathlib import Path
+
+    from enginesmith.compiler.config import BuildConfig
+    from enginesmith.runtime.errors import BuildError
+
+    with pytest.raises(BuildError, match="self:int8 or self:int4"):
+        BuildConfig("tiny-llama", Path("x"), draft="self:fp8")
+    with pytest.raises(BuildError, match="at most one"):
+        BuildConfig("tiny-llama", Path("x"), draft="self:int8+self:int4")
+    assert BuildConfig("tiny-llama", Path("x"), draft="suffix+self:int4").draft_model == "self:int4"
