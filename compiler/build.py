@@ -230,7 +230,7 @@ def build(
         if config.draft is not None:  # speculative decoding: the draft engine, hashed below
             from enginesmith.compiler.draft import build_draft
 
-            manifest["speculative"] = build_draft(config, tmp, loaded, log)
+            manifest["speculative"] = build_draft(config, tmp, loaded, log, build)
         report["stage_seconds"] = stages.seconds
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
         written = artifact.write_manifest(tmp, manifest)

@@ -8,6 +8,7 @@ drafts (ngram, suffix) build nothing: the manifest only records them.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,14 @@ DRAFT_DIR = "draft"
 
 
 def build_draft(
-    config: BuildConfig, engine_dir: Path, loaded: sources.LoadedModel, log: Any
+    config: BuildConfig,
+    engine_dir: Path,
+    loaded: sources.LoadedModel,
+    log: Any,
+    build: Callable[..., dict[str, Any]],
 ) -> dict[str, Any]:
-    """Build CONFIG's model draft (if any) into ENGINE_DIR/draft; the manifest's entry."""
-    from enginesmith.compiler.build import build
-
+    """Build CONFIG's model draft (if any) into ENGINE_DIR/draft with BUILD (build.build,
+    passed in: this module sits below it); the manifest's entry."""
     assert config.draft is not None
     entry: dict[str, Any] = {"draft": config.draft, "max_draft_len": config.max_draft_len}
     part = config.draft_model
