@@ -379,3 +379,15 @@ def test_build_config_checks_the_draft() -> None:
     with pytest.raises(BuildError, match="at most one"):
         BuildConfig("tiny-llama", Path("x"), draft="self:int8+self:int4")
     assert BuildConfig("tiny-llama", Path("x"), draft="suffix+self:int4").draft_model == "self:int4"
+
+
+def test_generate_cli_speculates_unless_told_not_to(engine_with_draft, capsys) -> None:  # type: ignore[no-untyped-def]
+    from enginesmith.runtime.cli import main
+
+    args = ["generate", str(engine_with_draft), PROMPTS[1], "--max-tokens", "24", "--ignore-eos"]
+    assert main([*args, "--draft", "ngram", "--no-stream"]) == 0
+    with_spec = capsys.readouterr()
+    assert "[speculation:" in with_spec.err
+    assert main([*args, "--no-speculation", "--no-stream"]) == 0
+    without = capsys.readouterr()
+    assert "[speculation:" not in without.err and without.out == with_spec.out
