@@ -31,6 +31,7 @@ class SpecRequest:
     slot: int  # KV slot (model drafts keep their cache in the same slot id)
     max_draft: int  # propose at most this many tokens
     sampler: Sampler  # the request's own (model drafts sample q with its params and rng)
+    shadow: bool = False  # only probing acceptance: the draft is not verified
 
 
 @dataclass

@@ -68,6 +68,7 @@ class SpecStats:
 class _State:
     acceptance: float
     probs: np.ndarray | None = None  # q of the drafts riding in the current step
+    shadow: int | None = None  # a free draft's first token, proposed but not sent (K = 0)
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -99,19 +100,31 @@ class Speculator:
             return
         batch = len(decoding)
         asks = []
+        # A free draft is still asked for when the policy says K = 0 ("shadow"): its first
+        # token checked against the target's keeps the acceptance estimate current, so that
+        # K comes back when drafts get good again (a model draft would cost a step: no).
+        shadow = not self.proposer.is_model
         for r, sampler in decoding:
             state = self._state(r.request_id)
-            state.probs = None
+            state.probs, state.shadow = None, None
             room = min(
                 sampler.params.max_tokens - len(r.output_token_ids) - 1,  # +1: the target's token
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
             k = min(self.policy.choose(state.acceptance, batch), room)
-            if k > 0:
+            if k == 0 and shadow and room > 0:
+                k = -1  # ask for one token, keep it out of the step
+            if k != 0:
                 assert r.slot is not None
                 asks.append(
                     SpecRequest(
-                        r.request_id, r.all_token_ids, len(r.prompt_token_ids), r.slot, k, sampler
+                        r.request_id,
+                        r.all_token_ids,
+                        len(r.prompt_token_ids),
+                        r.slot,
+                        abs(k),
+                        sampler,
+                        shadow=k < 0,
                     )
                 )
         if not asks:
@@ -125,7 +138,9 @@ class Speculator:
             state.stats.draft_s += elapsed
             self.totals.draft_s += elapsed
             d = drafts.get(ask.request_id)
-            if d is not None and d.tokens:
+            if d is not None and d.tokens and ask.shadow:
+                state.shadow = d.tokens[0]
+            elif d is not None and d.tokens:
                 by_id[ask.request_id].spec_token_ids = list(d.tokens[: ask.max_draft])
                 state.probs = d.probs
 
@@ -136,6 +151,9 @@ class Speculator:
         k = chunk.num_spec
         if k == 0:
             tokens = [sampler.sample(logits[-1])]
+            if state.shadow is not None:
+                hit = int(tokens[0] == state.shadow)
+                state.acceptance = update_acceptance(state.acceptance, 1, hit)
         else:
             probs = None if state.probs is None else state.probs[:k]
             tokens = verify(chunk.spec_token_ids, probs, logits[-(k + 1) :], sampler)
@@ -145,7 +163,7 @@ class Speculator:
                 s.draft_tokens += k
                 s.accepted_tokens += accepted
                 s.rounds += 1
-        state.probs = None
+        state.probs, state.shadow = None, None
         for s in (state.stats, self.totals):
             s.target_calls += 1
             s.emitted_tokens += len(tokens)
