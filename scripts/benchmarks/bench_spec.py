@@ -50,6 +50,8 @@ QUESTIONS = (
 )
 GROUNDED_TASKS = (
     "Rewrite the following passage in plain words, keeping every fact and example:",
+    "Correct any spelling or grammar mistakes in the following passage and return the full "
+    "corrected passage:",
     "Summarize the following passage, quoting its key terms exactly:",
 )
 PASSAGE_TOPICS = ("assert", "for", "with", "import")
