@@ -391,3 +391,69 @@ def test_generate_cli_speculates_unless_told_not_to(engine_with_draft, capsys) -
     assert main([*args, "--no-speculation", "--no-stream"]) == 0
     without = capsys.readouterr()
     assert "[speculation:" not in without.err and without.out == with_spec.out
+
+
+# -- differential: verification rows against a plain prefill --------------------------------
+
+
+def _prefill_logits(executor, slot: int, tokens: list[int]) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """The reference path: the whole sequence prefilled into SLOT, logits at every position."""
+    n = len(tokens)
+    return executor.step(
+        slot,
+        np.array([tokens]),
+        np.arange(n)[None],
+        np.array([n - 1], np.int32),
+        np.array([n], np.int32),
+        np.arange(n),
+    )
+
+
+@pytest.mark.parametrize("ks", [(1, 0, 3), (7, 2, 0), (4, 4, 4)])
+def test_verification_rows_match_prefill_and_roll_back(engine, ks) -> None:  # type: ignore[no-untyped-def]
+    """Rows with K + 1 new tokens (K = 0: a decode row) and an idle row, in one call, give the
+    logits a prefill of the same sequence gives at those positions; then each row rolls back
+    to a different accepted length and continues with other tokens, still matching."""
+    from enginesmith.runtime.engine_dir import read_manifest
+    from enginesmith.runtime.executors import open_executor
+
+    executor = open_executor(engine, read_manifest(engine))
+    rng = np.random.default_rng(sum(ks))
+    contexts = [list(rng.integers(3, 200, size=n)) for n in (5, 17, 30)]
+    for slot, ctx in enumerate(contexts):
+        _prefill_logits(executor, slot, ctx)
+    rows = len(ks) + 1  # slot 3 idle
+    width = max(ks) + 1
+    drafts = [list(rng.integers(3, 200, size=k + 1)) for k in ks]
+    ids = np.zeros((rows, width), np.int64)
+    pos = np.zeros((rows, width), np.int64)
+    seqk = np.zeros(rows, np.int32)
+    q = np.zeros(rows, np.int32)
+    wanted = []
+    for r, (ctx, d) in enumerate(zip(contexts, drafts, strict=True)):
+        ids[r, : len(d)] = d
+        pos[r] = np.arange(len(ctx), len(ctx) + width)
+        seqk[r], q[r] = len(ctx) + len(d) - 1, len(d)
+        wanted += [r * width + s for s in range(len(d))]
+    out = executor.step(0, ids, pos, seqk, q, np.array(wanted))
+    at = 0
+    for ctx, d in zip(contexts, drafts, strict=True):
+        got = out[at : at + len(d)]
+        at += len(d)
+        ref = _prefill_logits(executor, 3, ctx + d)[len(ctx) :]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+    # Roll back: row r keeps r of its drafts (capped), then two other tokens follow.
+    for r, (ctx, d) in enumerate(zip(contexts, drafts, strict=True)):
+        kept = ctx + d[: min(r, len(d) - 1) + 1]
+        new = list(rng.integers(3, 200, size=2))
+        n = len(kept)
+        got = executor.step(
+            r,
+            np.array([new]),
+            np.arange(n, n + 2)[None],
+            np.array([n + 1], np.int32),
+            np.array([2], np.int32),
+            np.arange(2),
+        )
+        ref = _prefill_logits(executor, 3, kept + new)[n:]
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
