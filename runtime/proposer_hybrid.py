@@ -4,6 +4,7 @@ the common prefix and feeds the rest in its next call)."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 from enginesmith.runtime.spec_proposer import Draft, Proposer, SpecRequest
@@ -21,6 +22,14 @@ class HybridProposer:
         drafts: dict[str, Draft] = {}
         left = list(requests)
         for part in self.parts:
+            if part.is_model:  # its cost has its own K (0: not worth a model step)
+                left = [
+                    dataclasses.replace(r, max_draft=r.max_model_draft)
+                    if r.max_model_draft is not None
+                    else r
+                    for r in left
+                ]
+                left = [r for r in left if r.max_draft > 0 and not r.shadow]
             if not left:
                 break
             found = part.propose(left)

@@ -32,6 +32,7 @@ class SpecRequest:
     max_draft: int  # propose at most this many tokens
     sampler: Sampler  # the request's own (model drafts sample q with its params and rng)
     shadow: bool = False  # only probing acceptance: the draft is not verified
+    max_model_draft: int | None = None  # hybrids: the model part's own cap (None: max_draft)
 
 
 @dataclass

@@ -12,6 +12,7 @@ not include them, so the next step passes a smaller cached length and overwrites
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -80,7 +81,13 @@ class Speculator:
         self.policy = policy
         self.max_seq_len = max_seq_len
         self.totals = SpecStats()
+        # Hybrids: model-free parts draft at c = 0, the model part at its own c.
+        self.hybrid = proposer.is_model and getattr(proposer, "name", "") == "hybrid"
         self._states: dict[str, _State] = {}
+
+    @property
+    def free_policy(self) -> DraftLengthPolicy:
+        return dataclasses.replace(self.policy, draft_cost=0.0) if self.hybrid else self.policy
 
     def track(self, request_id: str, stats: SpecStats) -> None:
         """Count REQUEST_ID's speculation into STATS (the request's own, live while it runs)."""
@@ -112,6 +119,12 @@ class Speculator:
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
             k = min(self.policy.choose(state.acceptance, batch), room)
+            # A hybrid's free part may draft more than its model part is worth.
+            k_free = min(self.free_policy.choose(state.acceptance, batch), room)
+            if self.hybrid and k_free > k:
+                k, k_model = k_free, k
+            else:
+                k_model = k
             if k == 0 and shadow and room > 0:
                 k = -1  # ask for one token, keep it out of the step
             if k != 0:
@@ -125,6 +138,7 @@ class Speculator:
                         abs(k),
                         sampler,
                         shadow=k < 0,
+                        max_model_draft=k_model,
                     )
                 )
         if not asks:
