@@ -15,7 +15,7 @@ from enginesmith.runtime.scheduler import KVCacheManager, SchedRequest, Schedule
 from enginesmith.runtime.spec_policy import DraftLengthPolicy, expected_tokens
 from enginesmith.runtime.spec_proposer import Draft, SpecRequest
 from enginesmith.runtime.spec_verify import verify
-from enginesmith.runtime.speculation import Speculator
+from enginesmith.runtime.speculation import SpecStats, Speculator
 from tests.conftest import PROMPTS
 
 MANY_PROMPTS = [f"{p} {i}" for i, p in enumerate(PROMPTS * 3)]
@@ -457,3 +457,36 @@ def test_verification_rows_match_prefill_and_roll_back(engine, ks) -> None:  # t
         )
         ref = _prefill_logits(executor, 3, kept + new)[n:]
         np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+class FixedProposer:
+    """Proposes max_draft copies of TOKEN (or nothing), recording what it was asked."""
+
+    def __init__(self, token: int | None, is_model: bool) -> None:
+        self.token, self.is_model, self.name = token, is_model, "fixed"
+        self.asked: list[int] = []
+
+    def propose(self, requests: Sequence[SpecRequest]) -> dict[str, Draft]:
+        self.asked += [r.max_draft for r in requests]
+        if self.token is None:
+            return {}
+        return {r.request_id: Draft([self.token] * r.max_draft) for r in requests}
+
+    def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
+        pass
+
+
+def test_hybrid_asks_the_model_only_when_free_drafts_find_nothing() -> None:
+    from enginesmith.runtime.proposer_hybrid import HybridProposer
+
+    free, model = FixedProposer(None, False), FixedProposer(5, True)
+    hybrid = HybridProposer([free, model])
+    spec = Speculator(hybrid, DraftLengthPolicy(max_draft_len=6, draft_cost=0.5), 512)
+    r = SchedRequest([1, 2, 3], 100, request_id="r")
+    r.slot, r.num_computed_tokens = 0, 2
+    spec.track("r", SpecStats())
+    spec.draft([(r, Sampler(SamplingParams(max_tokens=100)))])
+    k_free = spec.free_policy.choose(0.85, 1)
+    k_model = spec.policy.choose(0.85, 1)
+    assert free.asked == [k_free] and model.asked == [k_model] and k_model < k_free
+    assert r.spec_token_ids == [5] * k_model
