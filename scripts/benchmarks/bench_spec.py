@@ -88,21 +88,22 @@ def verify_cost_table(
     """Median step time of B rows x (K + 1) tokens at CONTEXT cached tokens, and v(K, B)."""
     times: dict[str, dict[str, float]] = {}
     for b in batches:
-        row: dict[str, float] = {}
-        for k in range(max_k + 1):
-            s = k + 1
-            ids = np.full((b, s), 42, np.int64)
-            pos = np.tile(np.arange(context, context + s), (b, 1))
-            seqk = np.full(b, context + s - 1, np.int32)
-            q = np.full(b, s, np.int32)
-            wanted = np.arange(b * s, dtype=np.int64)
-            samples = []
-            for _ in range(reps + 1):
+        samples: dict[int, list[float]] = {k: [] for k in range(max_k + 1)}
+        # Every K once per round, rounds repeated: host noise drifts over seconds, so the
+        # shapes are interleaved rather than timed one after the other.
+        for rep in range(reps + 1):
+            for k in range(max_k + 1):
+                s = k + 1
+                ids = np.full((b, s), 42, np.int64)
+                pos = np.tile(np.arange(context, context + s), (b, 1))
+                seqk = np.full(b, context + s - 1, np.int32)
+                q = np.full(b, s, np.int32)
+                wanted = np.arange(b * s, dtype=np.int64)
                 t0 = time.perf_counter()
                 executor.step(0, ids, pos, seqk, q, wanted)
-                samples.append(time.perf_counter() - t0)
-            row[str(k)] = statistics.median(samples[1:])
-        times[str(b)] = row
+                if rep:  # the first round warms each shape up
+                    samples[k].append(time.perf_counter() - t0)
+        times[str(b)] = {str(k): statistics.median(v) for k, v in samples.items()}
     v = {b: {k: t / row["0"] for k, t in row.items()} for b, row in times.items()}
     return {"context": context, "step_s": times, "v": v, "token_cost_ratio": fit_ratio(v)}
 
@@ -260,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.8, help="the sampled rows' T")
     p.add_argument("--batches", default="4,8", help="in-flight batch sizes")
     p.add_argument("--context", type=int, default=256, help="cached tokens for v(K)")
+    p.add_argument("--vk-reps", type=int, default=15, help="timed rounds of the v(K) table")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--sources", default=",".join(SOURCES), help="draft sources, comma-separated")
     p.add_argument("--skip", default="", help="comma-separated: llama.cpp, transformers, sampled")
@@ -291,7 +293,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     sources = [s for s in args.sources.split(",") if s]
     base = LLM(engine, speculative=False, threads=args.threads)
     log("v(K) table")
-    vk = verify_cost_table(base.executor, [1, 2, 4], 7, args.context, reps=9)
+    vk = verify_cost_table(base.executor, [1, 2, 4], 7, args.context, reps=args.vk_reps)
     log(f"v(K, 1) = {vk['v']['1']}; r = {vk['token_cost_ratio']}")
     msgs = workloads(args.prompts)
     prompts = {w: [base.chat_prompt(m) for m in ms] for w, ms in msgs.items()}
