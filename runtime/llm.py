@@ -97,6 +97,15 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
+        source = draft or self.manifest.get("speculative", {}).get("draft")
+        if not speculative:
+            source = None
+        if source:
+            from enginesmith.runtime.proposers import uses_model_draft
+
+            # Two ONNX Runtime sessions take turns on the same cores: a session's workers
+            # spinning after its step would slow the other's step down.
+            spin_wait = spin_wait and not uses_model_draft(source)
         # ONNX Runtime on CPU or CUDA, or TensorRT: one Executor interface.
         self.executor: Executor = open_executor(
             self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
@@ -109,9 +118,8 @@ class LLM:
                 f"kv_budget_tokens ({kv_budget_tokens}) must hold at least one full sequence "
                 f"({self.max_seq_len} tokens): raise it"
             )
-        source = draft or self.manifest.get("speculative", {}).get("draft")
         speculator = None
-        if speculative and source:
+        if source:
             from enginesmith.runtime.proposers import make_speculator
 
             speculator = make_speculator(
@@ -122,6 +130,7 @@ class LLM:
                 threads,
                 verify_files,
                 target=self.executor,
+                spin_wait=spin_wait,
             )
         self.core = EngineCore(
             self.executor,

@@ -44,12 +44,13 @@ class DraftEngineProposer:
         target_manifest: dict[str, Any],
         threads: int | None = None,
         verify_files: bool = True,
+        spin_wait: bool = True,
     ) -> DraftEngineProposer:
         from enginesmith.runtime.executors import open_executor
 
         manifest = read_manifest(draft_dir, verify_hashes=verify_files)
         check_compatible(draft_dir, manifest, target_manifest)
-        executor = open_executor(draft_dir, manifest, threads=threads)
+        executor = open_executor(draft_dir, manifest, threads=threads, spin_wait=spin_wait)
         executor.warmup()
         return cls(executor)
 

@@ -8,7 +8,7 @@ from typing import Any
 from enginesmith.runtime.errors import InvalidRequestError
 from enginesmith.runtime.executor import Executor
 from enginesmith.runtime.spec_policy import DraftLengthPolicy
-from enginesmith.runtime.spec_proposer import Proposer, parse_draft_source
+from enginesmith.runtime.spec_proposer import MODEL_FREE_SOURCES, Proposer, parse_draft_source
 from enginesmith.runtime.speculation import Speculator
 
 DEFAULT_MAX_DRAFT_LEN = 4
@@ -22,6 +22,7 @@ def make_speculator(
     threads: int | None = None,
     verify_files: bool = True,
     target: Executor | None = None,
+    spin_wait: bool = True,
 ) -> Speculator:
     """A Speculator for SOURCE ('ngram', 'suffix', 'self:int8', 'draft', a model engine path,
     or a hybrid 'suffix+self:int8' that asks the model only when the first finds nothing)."""
@@ -29,7 +30,8 @@ def make_speculator(
     if k < 1:
         raise InvalidRequestError(f"max_draft_len must be >= 1 (got {k})")
     parts = [
-        _one(p, engine_dir, manifest, threads, verify_files) for p in parse_draft_source(source)
+        _one(p, engine_dir, manifest, threads, verify_files, spin_wait)
+        for p in parse_draft_source(source)
     ]
     proposer: Proposer
     if len(parts) == 1:
@@ -47,7 +49,12 @@ def make_speculator(
 
 
 def _one(
-    part: str, engine_dir: Path, manifest: dict[str, Any], threads: int | None, verify: bool
+    part: str,
+    engine_dir: Path,
+    manifest: dict[str, Any],
+    threads: int | None,
+    verify: bool,
+    spin_wait: bool,
 ) -> Proposer:
     if part == "ngram":
         from enginesmith.runtime.proposer_ngram import NgramProposer
@@ -60,7 +67,13 @@ def _one(
     from enginesmith.runtime.proposer_draft_engine import DraftEngineProposer
 
     draft_dir = _draft_dir(part, engine_dir, manifest)
-    return DraftEngineProposer.open(draft_dir, manifest, threads=threads, verify_files=verify)
+    return DraftEngineProposer.open(
+        draft_dir, manifest, threads=threads, verify_files=verify, spin_wait=spin_wait
+    )
+
+
+def uses_model_draft(source: str) -> bool:
+    return any(p not in MODEL_FREE_SOURCES for p in parse_draft_source(source))
 
 
 def _draft_dir(part: str, engine_dir: Path, manifest: dict[str, Any]) -> Path:
