@@ -64,8 +64,12 @@ class _Stages:
         return result
 
 
-def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
-    """Build CONFIG.model into an engine directory at CONFIG.output; return the manifest."""
+def build(
+    config: BuildConfig, log: Log = print, loaded: sources.LoadedModel | None = None
+) -> dict[str, Any]:
+    """Build CONFIG.model into an engine directory at CONFIG.output; return the manifest.
+
+    LOADED: the model already loaded (a self draft is built from the target's weights)."""
     # Refuse an existing output before spending minutes on the build.
     output = config.output.expanduser().resolve()
     if output.exists() and not config.force:
@@ -80,7 +84,7 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
     stages = _Stages((5 if config.verify else 4) + quantized_cache + _recovers(config), log)
     loaded = stages.run(
         f"load {config.model}",
-        lambda: sources.load_model(config.model),
+        lambda: loaded or sources.load_model(config.model),
         lambda m: (
             f"{m.architecture}, {sum(p.numel() for p in m.model.parameters()) / 1e6:.1f}M params"
         ),
@@ -277,6 +281,10 @@ def build(config: BuildConfig, log: Log = print) -> dict[str, Any]:
                     )
                 ),
             )
+        if config.draft is not None:  # speculative decoding: the draft engine, hashed below
+            from enginesmith.compiler.draft import build_draft
+
+            manifest["speculative"] = build_draft(config, tmp, loaded, log, build)
         report["stage_seconds"] = stages.seconds
         (tmp / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
         written = artifact.write_manifest(tmp, manifest)

@@ -176,6 +176,24 @@ def build_parser() -> argparse.ArgumentParser:
         "calibrated at build time on --calibration text (x1.2 headroom) and recorded in "
         "kv_scales.json; onnxruntime CPU backend only; default: float32",
     )
+    spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
+    spec.add_argument(
+        "--draft",
+        default=None,
+        metavar="SOURCE",
+        help="draft source the runtime speculates with: ngram (prompt lookup), suffix "
+        "(SuffixDecoding), self:int8 or self:int4 (the target quantized, built into "
+        "ENGINE_DIR/draft), a model sharing the tokenizer, or a hybrid such as suffix+self:int8 "
+        "(the model drafts when the model-free source finds nothing); default: none",
+    )
+    spec.add_argument(
+        "--max-draft-len",
+        type=int,
+        default=4,
+        metavar="K",
+        help="most draft tokens per request per step; the runtime picks K <= this from measured "
+        "acceptance and batch size (default: 4)",
+    )
     parser.add_argument(
         "--max-num-tokens",
         type=int,
@@ -241,6 +259,8 @@ def build_engine_main(argv: list[str] | None = None) -> int:
             trt_attention=args.trt_attention,
             trt_hardware_compat=args.trt_hardware_compat,
             trt_version_compatible=args.trt_version_compatible,
+            draft=args.draft,
+            max_draft_len=args.max_draft_len,
         )
         if args.if_stale:
             from enginesmith.compiler.artifact import stale_reason

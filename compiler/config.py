@@ -22,6 +22,7 @@ QUANT_SCHEMES = ("symmetric", "asymmetric")
 QUANT_METHODS = ("auto", "rtn")
 KV_GROUPINGS = ("contiguous", "similarity")
 KV_CACHE_DTYPES = ("float32", "int8", "int4")  # plugins/flash_attention/kv_quant.py
+MODEL_FREE_DRAFTS = ("ngram", "suffix")
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,10 @@ class BuildConfig:
     trt_attention: str = "auto"  # op set of the attention lowering (TRT_* or standard ONNX)
     trt_hardware_compat: str = "none"  # TensorRT hardware-compatibility level of the plan
     trt_version_compatible: bool = False  # plan loadable by later TensorRT versions
+    # Speculative decoding (docs/speculative.md): ngram | suffix | self:int8 | self:int4 | a
+    # model sharing the tokenizer | hybrids "suffix+self:int8"; model drafts go to ENGINE_DIR/draft.
+    draft: str | None = None
+    max_draft_len: int = 4
 
     def __post_init__(self) -> None:
         self._check_gpu_options()
@@ -98,6 +103,37 @@ class BuildConfig:
                 f"--kv-cache-dtype must be one of {', '.join(KV_CACHE_DTYPES)} "
                 f"(got {self.kv_cache_dtype!r})"
             )
+        self._check_draft()
+
+    def _check_draft(self) -> None:
+        if not 1 <= self.max_draft_len <= 16:
+            raise BuildError(f"--max-draft-len must be in 1..16 (got {self.max_draft_len})")
+        if self.draft is None:
+            return
+        models = [p for p in self.draft.split("+") if p not in MODEL_FREE_DRAFTS]
+        if len(models) > 1:
+            raise BuildError(
+                f"--draft {self.draft!r} names {len(models)} model drafts; a hybrid has at most "
+                "one, after the model-free ones (e.g. suffix+self:int8)"
+            )
+        for part in models:
+            if part.startswith("self:") and part[5:] not in QUANTIZE_MODES:
+                raise BuildError(
+                    f"--draft {part}: a self draft is self:int8 or self:int4 (the target through "
+                    "the weight-only quantization pass)"
+                )
+            if not part:
+                raise BuildError(f"--draft {self.draft!r} has an empty part")
+        if models and self.backend != "onnxruntime":
+            raise BuildError("--draft with a model draft is built for --backend onnxruntime only")
+
+    @property
+    def draft_model(self) -> str | None:
+        """The model part of --draft (built into ENGINE_DIR/draft), or None."""
+        if self.draft is None:
+            return None
+        models = [p for p in self.draft.split("+") if p not in MODEL_FREE_DRAFTS]
+        return models[0] if models else None
 
     def _check_gpu_options(self) -> None:
         if self.dtype is not None and self.dtype not in GPU_DTYPES:

@@ -75,6 +75,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="wrap PROMPT as a user message in the model's chat template",
     )
     _add_sampling_flags(gen)
+    spec = gen.add_argument_group("speculative decoding (docs/speculative.md)")
+    spec.add_argument(
+        "--no-speculation",
+        action="store_true",
+        help="decode with the target alone even when the engine has a draft",
+    )
+    spec.add_argument(
+        "--draft",
+        default=None,
+        metavar="SOURCE",
+        help="speculate with SOURCE without a rebuild: ngram, suffix, a built self:int8 draft, "
+        "another engine directory sharing the tokenizer, or a hybrid such as suffix+self:int8",
+    )
+    spec.add_argument(
+        "--max-draft-len",
+        type=int,
+        default=None,
+        metavar="K",
+        help="most draft tokens per step (default: the engine's build setting)",
+    )
 
     ins = sub.add_parser(
         "inspect",
@@ -234,7 +254,12 @@ def _generate(args: argparse.Namespace) -> int:
         stop=tuple(args.stop),
         ignore_eos=args.ignore_eos,
     )
-    llm = LLM(args.engine_dir)
+    llm = LLM(
+        args.engine_dir,
+        speculative=not args.no_speculation,
+        draft=args.draft,
+        max_draft_len=args.max_draft_len,
+    )
     prompt = args.prompt
     if args.chat:
         # Checked here for the CLI's fix; transformers would raise a multi-line ValueError.
@@ -256,6 +281,13 @@ def _generate(args: argparse.Namespace) -> int:
         f"first token {s.time_to_first_token_s * 1000:.0f} ms]",
         file=sys.stderr,
     )
+    if s.spec.rounds:
+        print(
+            f"[speculation: {s.spec.draft_tokens} draft tokens, {s.spec.accepted_tokens} accepted "
+            f"({s.spec.acceptance_rate:.0%}), {s.spec.tokens_per_target_call:.2f} tokens per "
+            f"target call, {s.spec.draft_s * 1000:.0f} ms drafting]",
+            file=sys.stderr,
+        )
     return 0
 
 

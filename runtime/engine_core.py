@@ -9,8 +9,10 @@ real tokens (one weight read for several prompts); a decode row is never padded 
 chunk's length, which would multiply the work of the whole call.
 
 
-This is the only step loop: prefill, chunked prefill, decode and (later) verification are
-the same step with different token counts, all planned by the scheduler.
+This is the only step loop: prefill, chunked prefill, decode and verification are the same
+step with different token counts, all planned by the scheduler. With a Speculator, draft tokens
+are proposed before scheduling and ride in the decode call as extra tokens of their row
+(runtime/speculation.py); rows of different widths share that call, right-padded.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from enginesmith.runtime.scheduler import (
     ScheduledChunk,
     Scheduler,
 )
+from enginesmith.runtime.speculation import SpecStats, Speculator
 
 # A prefill call may compute at most this fraction of padding on top of its real tokens.
 MAX_PADDING = 0.25
@@ -59,6 +62,8 @@ class RequestStats:
     # time.perf_counter() of the request's arrival and of each generated token (for TTFT/ITL).
     arrival_time: float = 0.0
     token_times: list[float] = field(default_factory=list)
+    # Speculative decoding: drafts proposed / accepted, tokens per target call, draft time.
+    spec: SpecStats = field(default_factory=SpecStats)
 
     @property
     def decode_engine_s(self) -> float:
@@ -170,8 +175,10 @@ class EngineCore:
         max_num_tokens: int,
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.executor = executor
+        self.speculator = speculator
         self.decode = decode
         self.eos_token_ids = eos_token_ids
         kv = KVCacheManager(executor.max_batch, executor.max_seq_len, kv_budget_tokens)
@@ -188,12 +195,14 @@ class EngineCore:
     def add(self, request: LiveRequest) -> None:
         self.scheduler.add_request(request.sched)
         self.live[request.request_id] = request
+        if self.speculator is not None:
+            self.speculator.track(request.request_id, request.stats.spec)
 
     def abort(self, request_id: str) -> LiveRequest | None:
         """Cancel a request: its slot and KV are freed at once."""
         request = self.live.pop(request_id, None)
         if request is not None and request.finish_reason is None:
-            self.scheduler.finish(request.sched)
+            self._finish(request)
             request.finish_reason = "cancelled"
         return request
 
@@ -204,42 +213,69 @@ class EngineCore:
     # -- one iteration ------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
+        if self.speculator is not None:
+            running = [(r, self.live[r.request_id].sampler) for r in self.scheduler.running]
+            self.speculator.draft(running)
         output = self.scheduler.schedule()
         if not output.chunks:
             if self.scheduler.has_unfinished:
                 raise RuntimeError("scheduler made no progress [developer error]")
             return []
         logits = self._execute(output.chunks)
-        sampled: dict[str, int] = {}
-        logprobs: dict[str, TokenLogprob] = {}
+        sampled: dict[str, int | list[int]] = {}
+        rows_by_request: dict[str, np.ndarray] = {}
         for chunk in output.chunks:
             if chunk.samples:
                 request = self.live[chunk.request.request_id]
-                row = logits[request.request_id]
-                token = sampled[request.request_id] = request.sampler.sample(row)
-                if request.params.logprobs is not None:
-                    logprobs[request.request_id] = request.sampler.logprobs(
-                        row, token, request.params.logprobs
-                    )
+                rows = logits[request.request_id]  # [num_spec + 1, vocab]
+                rows_by_request[request.request_id] = rows
+                if self.speculator is not None:
+                    sampled[request.request_id] = self.speculator.emit(chunk, request.sampler, rows)
+                else:
+                    sampled[request.request_id] = [request.sampler.sample(rows[-1])]
         self.scheduler.update(output, sampled)
         now = time.perf_counter()
         events = []
-        for request_id, token in sampled.items():
+        for request_id, tokens in sampled.items():
             request = self.live[request_id]
-            token_logprobs = [logprobs[request_id]] if request_id in logprobs else []
+            assert isinstance(tokens, list)
+            first = len(request.sched.output_token_ids) - len(tokens)
+            rows = rows_by_request[request_id]
+            delta = ""
+            emitted: list[int] = []
+            token_logprobs: list[TokenLogprob] = []
+            for i, token in enumerate(tokens):
+                emitted.append(token)
+                if request.params.logprobs is not None:
+                    # Token i was decided at row i (rows: the last known position, then each
+                    # draft position): the target's distribution there, also for a token
+                    # that rejection sampling drew again.
+                    row = rows[i]
+                    token_logprobs.append(
+                        request.sampler.logprobs(row, token, request.params.logprobs)
+                    )
+                delta += self._accept(request, token, now, first + i + 1)
+                if request.finish_reason is not None:
+                    del request.sched.output_token_ids[first + i + 1 :]  # tokens past a stop
+                    break
             request.logprobs.extend(token_logprobs)
-            delta = self._accept(request, token, now)
             if request.finish_reason is not None:
-                self.scheduler.finish(request.sched)
+                self._finish(request)
                 del self.live[request_id]
             finished = request.finish_reason is not None
-            events.append(StepEvent(request, delta, finished, [token], token_logprobs))
+            events.append(StepEvent(request, delta, finished, emitted, token_logprobs))
         return events
 
+    def _finish(self, request: LiveRequest) -> None:
+        if self.speculator is not None:
+            self.speculator.finish(request.sched)
+        self.scheduler.finish(request.sched)
+
     def _execute(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
-        """Run CHUNKS on the executor; return last-position logits per sampling request."""
+        """Run CHUNKS on the executor; return logits [num_spec + 1, vocab] per sampling
+        request (its last known position and each draft position)."""
         logits: dict[str, np.ndarray] = {}
-        decodes = [c for c in chunks if c.num_new_tokens == 1]
+        decodes = [c for c in chunks if c.num_new_tokens == 1 or c.num_spec]
         if decodes:
             start = time.perf_counter()
             logits.update(self._run_decodes(decodes))
@@ -247,7 +283,8 @@ class EngineCore:
             for chunk in decodes:
                 if chunk.start >= len(chunk.request.prompt_token_ids):  # not a 1-token prompt
                     self.live[chunk.request.request_id].stats.decode_call_s.append(elapsed)
-        for group in group_prefill_chunks([c for c in chunks if c.num_new_tokens > 1]):
+        prefills = [c for c in chunks if c.num_new_tokens > 1 and not c.num_spec]
+        for group in group_prefill_chunks(prefills):
             start = time.perf_counter()
             logits.update(self._run_prefill_group(group))
             elapsed = time.perf_counter() - start
@@ -272,35 +309,50 @@ class EngineCore:
             query_seqlens[row] = n
         wanted = np.array([row * width + c.num_new_tokens - 1 for row, c in enumerate(group)])
         out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, wanted)
-        return {c.request.request_id: out[row] for row, c in enumerate(group) if c.samples}
+        return {
+            c.request.request_id: out[row : row + 1] for row, c in enumerate(group) if c.samples
+        }
 
     def _run_decodes(self, chunks: list[ScheduledChunk]) -> dict[str, np.ndarray]:
+        """One call over the slot range of CHUNKS: decodes (1 token) and verification rows (the
+        last known token + drafts), right-padded to the widest; logits at every position of a
+        row from its last known token on."""
         slots = [_slot(c) for c in chunks]
         lo, hi = min(slots), max(slots) + 1
         rows = hi - lo
-        input_ids = np.zeros((rows, 1), np.int64)
-        position_ids = np.zeros((rows, 1), np.int64)
+        width = max(c.num_new_tokens for c in chunks)
+        input_ids = np.zeros((rows, width), np.int64)
+        position_ids = np.zeros((rows, width), np.int64)
         seqlens_k = np.zeros(rows, np.int32)  # idle rows: T = 1, Q = 0 -> cache untouched
         query_seqlens = np.zeros(rows, np.int32)
+        last_position = self.executor.max_seq_len - 1  # padding positions stay in the table
+        wanted: list[int] = []
+        picks: list[tuple[str, int, int]] = []  # request id, first and end index into wanted
         for c, slot in zip(chunks, slots, strict=True):
-            row = slot - lo
-            input_ids[row, 0] = c.request.token_at(c.start)
-            position_ids[row, 0] = c.start
-            seqlens_k[row] = c.start
-            query_seqlens[row] = 1
-        rows_out = np.array(slots, np.int64) - lo
-        out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, rows_out)
-        return {c.request.request_id: out[i] for i, c in enumerate(chunks) if c.samples}
+            row, n = slot - lo, c.num_new_tokens
+            if n == 1 and not c.num_spec:
+                input_ids[row, 0] = c.request.token_at(c.start)
+            else:
+                input_ids[row, :n] = c.token_ids()
+            position_ids[row] = np.minimum(np.arange(c.start, c.start + width), last_position)
+            seqlens_k[row] = c.start + n - 1
+            query_seqlens[row] = n
+            first = len(wanted)
+            wanted.extend(row * width + s for s in range(n - 1 - c.num_spec, n))
+            picks.append((c.request.request_id, first, len(wanted)))
+        indices = np.array(wanted, np.int64)
+        out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, indices)
+        return {rid: out[a:b] for (rid, a, b), c in zip(picks, chunks, strict=True) if c.samples}
 
     def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
         """The tokens that end a request: its stop_token_ids, and EOS unless ignore_eos."""
         stops = frozenset(params.stop_token_ids)
         return stops if params.ignore_eos else stops | self.eos_token_ids
 
-    def _accept(self, r: LiveRequest, token: int, now: float) -> str:
-        """Record R's new TOKEN (already appended by the scheduler); decide if R is finished."""
+    def _accept(self, r: LiveRequest, token: int, now: float, n: int) -> str:
+        """Record R's N-th generated TOKEN (already appended by the scheduler); decide if R is
+        finished."""
         sched, p = r.sched, r.params
-        n = len(sched.output_token_ids)
         r.stats.arrival_time = r.arrival
         r.stats.token_times.append(now)
         if n == 1:
@@ -318,7 +370,7 @@ class EngineCore:
             delta, stopped = r.stopper.feed(r.detokenizer.add(token))
             if stopped:
                 r.finish_reason = "stop"
-            elif n >= p.max_tokens or sched.num_tokens >= self.executor.max_seq_len:
+            elif n >= p.max_tokens or len(sched.prompt_token_ids) + n >= self.executor.max_seq_len:
                 r.finish_reason = "length"
                 delta += r.stopper.feed(r.detokenizer.flush())[0] + r.stopper.flush()
         r.text_parts.append(delta)

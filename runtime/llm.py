@@ -24,6 +24,7 @@ from enginesmith.runtime.errors import BackendUnavailableError, InvalidRequestEr
 from enginesmith.runtime.executor import Executor
 from enginesmith.runtime.executors import EXECUTOR_BACKENDS, open_executor
 from enginesmith.runtime.sampling import SamplingParams
+from enginesmith.runtime.speculation import SpecStats
 
 # Per-step token budget when the manifest does not set one (older engines).
 DEFAULT_MAX_NUM_TOKENS = 512
@@ -65,6 +66,9 @@ class LLM:
         kv_budget_tokens: int | None = None,
         max_waiting: int | None = None,
         spin_wait: bool = True,
+        speculative: bool = True,
+        draft: str | None = None,
+        max_draft_len: int | None = None,
     ) -> None:
         """Load ENGINE_DIR (files verified against the manifest's hashes unless told not to).
 
@@ -76,6 +80,11 @@ class LLM:
             synchronous caller (generate/stream); pass False to serve concurrent async callers
             (submit/stream_async) when the machine is busy, since spinning workers starve the
             event-loop thread (docs/benchmarks.md has the measurements).
+        speculative: speculate when the engine has a draft (build-engine --draft) or DRAFT is
+            given; False never does (docs/speculative.md).
+        draft: a draft source without a rebuild: "ngram", "suffix", a hybrid such as
+            "suffix+self:int8", or the path of another engine directory sharing the tokenizer.
+        max_draft_len: the most draft tokens per request per step (default: the build's).
         """
         self.engine_dir = Path(engine_dir).expanduser()
         self.manifest = read_manifest(self.engine_dir, verify_hashes=verify_files)
@@ -91,6 +100,15 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
+        source = draft or self.manifest.get("speculative", {}).get("draft")
+        if not speculative:
+            source = None
+        if source:
+            from enginesmith.runtime.proposers import uses_model_draft
+
+            # Two ONNX Runtime sessions take turns on the same cores: a session's workers
+            # spinning after its step would slow the other's step down.
+            spin_wait = spin_wait and not uses_model_draft(source)
         # ONNX Runtime on CPU or CUDA, or TensorRT: one Executor interface.
         self.executor: Executor = open_executor(
             self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
@@ -103,6 +121,20 @@ class LLM:
                 f"kv_budget_tokens ({kv_budget_tokens}) must hold at least one full sequence "
                 f"({self.max_seq_len} tokens): raise it"
             )
+        speculator = None
+        if source:
+            from enginesmith.runtime.proposers import make_speculator
+
+            speculator = make_speculator(
+                source,
+                self.engine_dir,
+                self.manifest,
+                max_draft_len,
+                threads,
+                verify_files,
+                target=self.executor,
+                spin_wait=spin_wait,
+            )
         self.core = EngineCore(
             self.executor,
             self._decode,
@@ -110,9 +142,15 @@ class LLM:
             max_num_tokens=budget,
             kv_budget_tokens=kv_budget_tokens,
             max_waiting=max_waiting,
+            speculator=speculator,
         )
         self._lock = threading.Lock()  # one driver of the core at a time
         self._loop_thread: _EngineLoop | None = None
+
+    @property
+    def spec_stats(self) -> SpecStats | None:
+        """Speculation counters summed over every request so far (None: not speculating)."""
+        return None if self.core.speculator is None else self.core.speculator.totals
 
     @property
     def eos_token_ids(self) -> frozenset[int]:

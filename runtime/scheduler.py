@@ -9,6 +9,12 @@ allow. When the KV budget runs out, the most recently admitted running request i
 its cache is dropped and it returns to the front of the queue, to be recomputed from its known
 tokens (nothing is lost; its generated tokens are kept).
 
+Speculative decoding adds draft tokens (`spec_token_ids`, set by the engine core before a
+step) after a request's known tokens: they count inside the step's token budget (vLLM's
+`num_tokens_with_spec`) and are written to the slot's cache, but only the accepted ones become
+known; rejection is `num_computed_tokens` not counting the rejected ones (a smaller cached
+length next step: no copy).
+
 KV layout (runtime/ort_cpu_executor.py): one slot per running request, a fixed row of capacity
 `slot_capacity` tokens in every layer's cache buffer. `token_budget` caps the sum of tokens
 held by all slots; by default it is the physical capacity, so only a smaller budget preempts.
@@ -49,6 +55,7 @@ class SchedRequest:
     status: RequestStatus = RequestStatus.WAITING
     slot: int | None = None
     num_preemptions: int = 0
+    spec_token_ids: list[int] = field(default_factory=list)  # draft tokens for the next step
 
     @property
     def num_tokens(self) -> int:
@@ -128,11 +135,26 @@ class ScheduledChunk:
     start: int
     num_new_tokens: int
     samples: bool = False  # reaches the last known token, so a new token is sampled
+    # Draft tokens after the known ones (the last len(spec_token_ids) of num_new_tokens).
+    spec_token_ids: list[int] = field(default_factory=list)
 
     @classmethod
-    def of(cls, request: SchedRequest, num_new_tokens: int) -> ScheduledChunk:
+    def of(
+        cls, request: SchedRequest, num_new_tokens: int, spec: list[int] | None = None
+    ) -> ScheduledChunk:
         start = request.num_computed_tokens
-        return cls(request, start, num_new_tokens, start + num_new_tokens == request.num_tokens)
+        spec = spec or []
+        known = num_new_tokens - len(spec)
+        return cls(request, start, num_new_tokens, start + known == request.num_tokens, spec)
+
+    @property
+    def num_spec(self) -> int:
+        return len(self.spec_token_ids)
+
+    def token_ids(self) -> list[int]:
+        """The tokens this chunk computes: known tokens, then its draft tokens."""
+        known = self.num_new_tokens - self.num_spec
+        return self.request.all_token_ids[self.start : self.start + known] + self.spec_token_ids
 
 
 @dataclass
@@ -203,12 +225,15 @@ class Scheduler:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            n = min(request.num_uncomputed, budget)
+            # Draft tokens only ride along when every known token fits; the budget cuts them.
+            spec = request.spec_token_ids if request.num_uncomputed < budget else []
+            spec = spec[: budget - request.num_uncomputed]
+            n = min(request.num_uncomputed + len(spec), budget)
             if n == 0:
                 continue
             if not self._reserve_or_preempt(request, request.num_computed_tokens + n, out):
                 continue  # it preempted itself
-            out.chunks.append(ScheduledChunk.of(request, n))
+            out.chunks.append(ScheduledChunk.of(request, n, spec))
             budget -= n
         # 2. Admit waiting requests FCFS while slot, KV budget and token budget allow.
         while self.waiting and budget > 0 and not out.preempted:
@@ -247,16 +272,26 @@ class Scheduler:
         request.slot = None
         request.status = RequestStatus.WAITING
         request.num_computed_tokens = 0  # recompute from the known tokens when resumed
+        request.spec_token_ids = []
         request.num_preemptions += 1
         self.waiting.appendleft(request)  # keeps its FCFS priority
 
-    def update(self, output: SchedulerOutput, sampled: dict[str, int]) -> None:
-        """Advance computed counts of OUTPUT's chunks and append sampled tokens by request id."""
+    def update(self, output: SchedulerOutput, sampled: dict[str, int | list[int]]) -> None:
+        """Advance computed counts of OUTPUT's chunks and append sampled tokens by request id.
+
+        A chunk with draft tokens gets the accepted drafts plus one token from the target
+        (a list): the accepted drafts are in the cache already, the rejected ones are not
+        counted (their cache entries are overwritten next step)."""
         for chunk in output.chunks:
             request = chunk.request
+            request.spec_token_ids = []
             if request.status is not RequestStatus.RUNNING:
                 continue  # finished or cancelled while the step ran
-            request.num_computed_tokens = chunk.start + chunk.num_new_tokens
-            token = sampled.get(request.request_id)
-            if token is not None:
-                request.output_token_ids.append(token)
+            tokens = sampled.get(request.request_id)
+            tokens = [tokens] if isinstance(tokens, int) else (tokens or [])
+            accepted_drafts = max(0, len(tokens) - 1) if chunk.num_spec else 0
+            if accepted_drafts > chunk.num_spec:
+                raise RuntimeError("more tokens accepted than drafted [developer error]")
+            computed = chunk.start + chunk.num_new_tokens - chunk.num_spec + accepted_drafts
+            request.num_computed_tokens = computed
+            request.output_token_ids.extend(tokens)

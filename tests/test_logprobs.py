@@ -71,3 +71,26 @@ def test_logprobs_do_not_change_tokens_and_match_each_token(tiny_engine) -> None
             assert a.token_ids == b.token_ids and a.logprobs is None
             assert b.logprobs is not None and [x.token_id for x in b.logprobs] == b.token_ids
             assert all(x.logprob <= 0 and len(x.top) == 2 for x in b.logprobs)
+
+
+def test_logprobs_under_speculation_equal_those_without(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    """Several tokens per step (accepted drafts): each token's logprobs come from its own
+    verification row, so they equal the plain run's token by token."""
+    engine = tiny_engine("tiny-llama")
+    params = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=3)
+    plain = LLM(engine).generate(list(PROMPTS), params)
+    spec_llm = LLM(engine, draft="ngram")
+    spec = spec_llm.generate(list(PROMPTS), params)
+    stats = spec_llm.spec_stats
+    assert stats is not None and stats.accepted_tokens > 0  # some steps emitted several tokens
+    worst = 0.0
+    for a, b in zip(plain, spec, strict=True):
+        assert a.token_ids == b.token_ids
+        assert a.logprobs is not None and b.logprobs is not None
+        assert len(b.logprobs) == len(b.token_ids)
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):
+            assert x.token_id == y.token_id
+            assert [t[0] for t in x.top] == [t[0] for t in y.top]
+            worst = max(worst, abs(x.logprob - y.logprob))
+    print(f"largest logprob difference: {worst:.2e}")
+    assert worst < 1e-4  # a verification row and a decode row round differently: ~1e-6

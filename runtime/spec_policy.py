@@ -1,0 +1,62 @@
+"""How many draft tokens to propose per request each round.
+
+Expected tokens per target call with K drafts accepted independently at rate a:
+(1 - a^(K+1)) / (1 - a). Cost of the round in target-step units: c*K (a model draft's K
+steps, c = draft step / target step; 0 for model-free drafts) + v(K, B), where v is the cost of
+a step whose B rows carry K + 1 tokens each over a step of B one-token rows. K maximises tokens
+per cost; when no K beats plain decode (1 token per 1 step) it is 0, which is what happens when
+the batch is large enough that extra tokens are no longer free.
+
+v comes from a linear step-cost model, time(T tokens) = w + t*T (weights read once, then
+per-token work): v(K, B) = (1 + r*B*(K+1)) / (1 + r*B) with r = t / w. docs/benchmarks.md has
+the measured v(K) table that r is fitted to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Fitted to the measured v(K) of the SmolLM2 fp32 engine on ONNX Runtime CPU (docs/benchmarks.md).
+DEFAULT_TOKEN_COST_RATIO = 0.06
+# Acceptance assumed before a request has drafted anything.
+PRIOR_ACCEPTANCE = {False: 0.6, True: 0.85}  # model-free, model draft
+# Weight of a round's acceptance in the running estimate.
+ACCEPTANCE_EMA = 0.3
+
+
+def expected_tokens(acceptance: float, k: int) -> float:
+    """Tokens a round emits on average: accepted drafts plus the target's own token."""
+    a = min(max(acceptance, 0.0), 0.999)
+    return (1 - a ** (k + 1)) / (1 - a)
+
+
+@dataclass
+class DraftLengthPolicy:
+    max_draft_len: int = 4
+    draft_cost: float = 0.0  # c: a draft step / a target step (0: model-free)
+    token_cost_ratio: float = DEFAULT_TOKEN_COST_RATIO  # r in v(K, B)
+
+    def verify_cost(self, k: int, batch: int) -> float:
+        """v(K, B): a step of B rows with K + 1 tokens each over one of B one-token rows."""
+        r = self.token_cost_ratio
+        return (1 + r * batch * (k + 1)) / (1 + r * batch)
+
+    def choose(self, acceptance: float, batch: int) -> int:
+        """K for one request at this ACCEPTANCE estimate when BATCH requests decode."""
+        best_k, best = 0, 1.0
+        for k in range(1, self.max_draft_len + 1):
+            rate = expected_tokens(acceptance, k) / (
+                self.draft_cost * k + self.verify_cost(k, batch)
+            )
+            if rate > best * 1.02:  # a margin: estimates are noisy, plain decode is the safe bet
+                best_k, best = k, rate
+        return best_k
+
+
+def update_acceptance(estimate: float, proposed: int, accepted: int) -> float:
+    """Running per-token acceptance (the a of the geometric model); a round with no draft
+    leaves it unchanged. A round is `accepted` successes then one failure, or all successes."""
+    if proposed == 0:
+        return estimate
+    rate = accepted / (accepted + (accepted < proposed))
+    return (1 - ACCEPTANCE_EMA) * estimate + ACCEPTANCE_EMA * rate
