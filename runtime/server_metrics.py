@@ -54,6 +54,23 @@ class ServerMetrics:
             "Tokens reserved in the KV cache across slots.",
             lambda: kv.tokens_in_use,
         )
+        if llm.spec_stats is not None:  # the engine speculates (a draft source is on)
+            stats = llm.spec_stats
+            gauge(
+                "enginesmith:spec_decode_acceptance_rate",
+                "Share of proposed draft tokens the target accepted, since the server started.",
+                lambda: stats.acceptance_rate,
+            )
+            gauge(
+                "enginesmith:spec_decode_draft_tokens",
+                "Draft tokens proposed and verified, since the server started.",
+                lambda: stats.draft_tokens,
+            )
+            gauge(
+                "enginesmith:spec_decode_accepted_tokens",
+                "Draft tokens the target accepted, since the server started.",
+                lambda: stats.accepted_tokens,
+            )
         self.prompt_tokens = Counter(
             "enginesmith:prompt_tokens", "Prompt tokens processed.", names, registry=self.registry
         ).labels(**labels)

@@ -60,7 +60,7 @@ def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None = Non
 def start_subprocess(engine_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:
     """`enginesmith serve ENGINE_DIR` on a free loopback port; returns (process, base url)."""
     port = free_port()
-    env = {**os.environ, "ENGINESMITH_DECODE_KERNELS": "0"}
+    env = dict(os.environ)
     proc = subprocess.Popen(
         [
             sys.executable,

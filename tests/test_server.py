@@ -5,7 +5,6 @@ logprobs."""
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,8 +15,6 @@ import pytest
 from enginesmith import LLM, SamplingParams
 from enginesmith.runtime.server import create_app
 from tests.server_harness import ThreadedServer
-
-os.environ.setdefault("ENGINESMITH_DECODE_KERNELS", "0")
 
 MODEL = "tiny"
 PROMPT = "def fibonacci(n):"
@@ -250,3 +247,20 @@ def test_serve_help_explains_every_flag(capsys) -> None:  # type: ignore[no-unty
         ),
         capsys,
     )
+
+
+def test_a_speculating_engine_reports_its_acceptance_rate(tiny_engine) -> None:  # type: ignore[no-untyped-def]
+    llm = LLM(tiny_engine("tiny-llama", max_batch=2, max_seq_len=1024), draft="ngram")
+    server = ThreadedServer(create_app(llm, model_name=MODEL))
+    try:
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=32, **GREEDY)
+        assert out.choices[0].text == reference(llm, PROMPT, max_tokens=32)  # lossless
+        lines = httpx.get(f"{server.url}/metrics").text.splitlines()
+        rate = next(x for x in lines if x.startswith("enginesmith:spec_decode_acceptance_rate{"))
+        stats = llm.spec_stats
+        assert stats is not None and stats.draft_tokens > 0
+        assert float(rate.rsplit(" ", 1)[1]) == pytest.approx(stats.acceptance_rate)
+    finally:
+        server.stop()
+        llm.close()

@@ -5,7 +5,6 @@ KV slot; a full queue is a 429; SIGTERM drains in-flight requests and exits 0.""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import threading
@@ -19,8 +18,6 @@ import pytest
 from enginesmith import LLM
 from enginesmith.runtime.server import create_app
 from tests.server_harness import ThreadedServer, start_subprocess, wait_healthy
-
-os.environ.setdefault("ENGINESMITH_DECODE_KERNELS", "0")
 
 MODEL = "tiny"
 PROMPT = "def fibonacci(n):"

@@ -61,7 +61,7 @@ class Server:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "ENGINESMITH_DECODE_KERNELS": "0"}
+        env = dict(os.environ)
         cmd = [sys.executable, "-m", "enginesmith.runtime.cli", "serve", str(engine_dir)]
         cmd += ["--port", str(port), "--served-model-name", MODEL, "--log-level", "warning"]
         cmd += ["--max-queue", str(max_queue)]
