@@ -237,6 +237,7 @@ def collapse_with_recovery(
     calibration: Path | None = None,
     minutes: float = DEFAULT_MINUTES,
     log: Log = print,
+    learning_rate: float | None = None,
 ) -> tuple[Any, RecoveryReport]:
     """MODEL collapsed to TARGET KV heads, then recovered for MINUTES of CPU time (0 = pooling
     only). MODEL itself is left unchanged (it stays the build's fp32 reference)."""
@@ -256,6 +257,6 @@ def collapse_with_recovery(
         p.requires_grad_(False)
     report = RecoveryReport(kv_heads, target, grouping, minutes, tokens=len(ids))
     with torch.enable_grad():
-        recover(model, collapsed, ids, minutes, report, log)
+        recover(model, collapsed, ids, minutes, report, log, learning_rate)
     report.seconds = time.perf_counter() - start
     return collapsed, report

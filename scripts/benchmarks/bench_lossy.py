@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recovery-sweep",
         default="0,1",
-        help="comma-separated --kv-recovery-minutes budgets whose perplexity is measured on "
-        "the collapsed transformers model (default 0,1; empty: none)",
+        help="comma-separated --kv-recovery-minutes budgets (MINUTES or MINUTES@LEARNING_RATE) "
+        "whose perplexity is measured on the collapsed transformers model (default 0,1; "
+        "empty: none)",
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rebuild", action="store_true", help="rebuild every engine")
@@ -167,9 +168,14 @@ def llama_rows(
 ) -> dict[str, dict[str, Any]]:
     from enginesmith.compiler import quality
     from enginesmith.compiler.presets import smollm2_gguf_path
+    from enginesmith.runtime.errors import BackendUnavailableError
     from enginesmith.scripts.benchmarks.bench_quant import _llama_cpp, llama_decode
 
-    llama_cpp = _llama_cpp()
+    try:
+        llama_cpp = _llama_cpp()
+    except BackendUnavailableError as exc:
+        log(f"no llama.cpp rows: {exc}")
+        return {}
     gguf = smollm2_gguf_path()
     rows: dict[str, dict[str, Any]] = {}
     kv_f16 = 2 * 30 * 3 * 64 * 2
@@ -223,20 +229,26 @@ def llama_rows(
 
 
 def recovery_sweep(
-    loaded: Any, ids: list[int], reference: np.ndarray, budgets: list[float]
+    loaded: Any, ids: list[int], reference: np.ndarray, budgets: list[tuple[float, float | None]]
 ) -> list[dict[str, Any]]:
     from enginesmith.compiler import kv_recovery, quality
 
     out = []
-    for minutes in budgets:
+    for minutes, learning_rate in budgets:
         start = time.perf_counter()
         model, report = kv_recovery.collapse_with_recovery(
-            loaded.model, loaded.tokenizer, 1, minutes=minutes, log=lambda _m: None
+            loaded.model,
+            loaded.tokenizer,
+            1,
+            minutes=minutes,
+            log=lambda _m: None,
+            learning_rate=learning_rate,
         )
         logits = quality.reference_logits_chunked(model, ids)
         out.append(
             {
                 "minutes_budget": minutes,
+                "learning_rate": learning_rate or kv_recovery.LEARNING_RATE,
                 "seconds": round(time.perf_counter() - start, 1),
                 "perplexity": quality.perplexity(logits, ids),
                 "top1_agreement_fp32": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
@@ -267,6 +279,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     long_ids = encode(quality.calibration_text())[: args.context_tokens - BATCH_DECODE_TOKENS]
     budget = args.kv_budget_mib << 20
     root = cache_dir() / "engines" / "bench-lossy"
+    partial = cache_dir() / "bench" / "lossy-partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     reference = None
     for key, label, settings in OPTIONS:
@@ -290,15 +304,17 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         row["label"] = label
         row["batch_fits_budget"] = budget // (per_token * args.context_tokens)
         rows[key] = row
+        partial.write_text(json.dumps(rows, indent=1) + "\n")  # a crash later keeps the rows
         log(
             f"{label}: perplexity {row['perplexity']:.3f}, top-1 {row['top1_agreement_fp32']:.3f}, "
             f"{row['decode_batch1']['median']:.1f} tok/s at batch 1, "
             f"{row['decode_batch_budget']['median']:.1f} at batch {batch}"
         )
     assert reference is not None
-    peers = {} if args.skip_llama_cpp else llama_rows(ids, reference, prompt_ids, args)
-    budgets = [float(m) for m in args.recovery_sweep.split(",") if m.strip()]
+    budgets = [_budget(m) for m in args.recovery_sweep.split(",") if m.strip()]
     sweep = recovery_sweep(loaded, ids, reference, budgets) if budgets else []
+    partial.write_text(json.dumps({"engines": rows, "recovery_sweep": sweep}, indent=1) + "\n")
+    peers = {} if args.skip_llama_cpp else llama_rows(ids, reference, prompt_ids, args)
     return {
         "model": MODEL,
         "command": command_line(),
@@ -308,6 +324,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "llama_cpp": peers,
         "recovery_sweep": sweep,
     }
+
+
+def _budget(text: str) -> tuple[float, float | None]:
+    """'MINUTES' or 'MINUTES@LEARNING_RATE' of --recovery-sweep."""
+    minutes, _, rate = text.partition("@")
+    return float(minutes), float(rate) if rate else None
 
 
 def _load() -> float:
