@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rebuild", action="store_true", help="rebuild every engine")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build the engines that are missing or stale and stop (no measurement: run it "
+        "outside a benchmark lock, then the measuring run only measures)",
+    )
     p.add_argument("--json", type=Path, default=None, help="results file (default: cache)")
     return p
 
@@ -297,6 +303,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             **settings,
         )
         path = cached_engine(config, rebuild=args.rebuild)
+        if args.build_only:
+            continue
         log(f"measuring {label} ({path.name}, batch {batch})")
         row, logits = engine_row(path, ids, reference, args, prompt_ids, long_ids, batch)
         if key == "fp32":
@@ -310,6 +318,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             f"{row['decode_batch1']['median']:.1f} tok/s at batch 1, "
             f"{row['decode_batch_budget']['median']:.1f} at batch {batch}"
         )
+    if args.build_only:
+        raise SystemExit(0)
     assert reference is not None
     budgets = [_budget(m) for m in args.recovery_sweep.split(",") if m.strip()]
     sweep = recovery_sweep(loaded, ids, reference, budgets) if budgets else []
