@@ -41,9 +41,7 @@ MODEL = "smollm2-135m"
 # (key, label, build-engine settings): the options and the useful combinations.
 OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fp32", "fp32", {}),
-    ("int8", "--quantize int8", {"quantize": "int8"}),
     ("int4", "--quantize int4", {"quantize": "int4"}),
-    ("int4-rtn", "--quantize int4 --quant-method rtn", {"quantize": "int4", "quant_method": "rtn"}),
     ("kv8", "--kv-cache-dtype int8", {"kv_cache_dtype": "int8"}),
     ("kv4", "--kv-cache-dtype int4", {"kv_cache_dtype": "int4"}),
     ("kvh1", "--kv-heads 1 (recovery)", {"kv_heads": 1}),
@@ -52,6 +50,8 @@ OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "--quantize int4 --kv-cache-dtype int8",
         {"quantize": "int4", "kv_cache_dtype": "int8"},
     ),
+    ("int8", "--quantize int8", {"quantize": "int8"}),
+    ("int4-rtn", "--quantize int4 --quant-method rtn", {"quantize": "int4", "quant_method": "rtn"}),
     (
         "int4-kvh1-kv8",
         "--quantize int4 --kv-heads 1 --kv-cache-dtype int8",
