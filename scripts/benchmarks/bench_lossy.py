@@ -104,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         "whose perplexity is measured on the collapsed transformers model (default 0,1; "
         "empty: none)",
     )
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads everywhere (default 2)")
     p.add_argument("--rebuild", action="store_true", help="rebuild every engine")
     p.add_argument(
         "--build-only",
