@@ -490,7 +490,7 @@ def render(result: dict[str, Any]) -> str:
                 ["--kv-heads 1, recovery budget", "seconds", "perplexity", "top-1 = fp32"],
                 [
                     [
-                        f"{r['minutes_budget']:g} min",
+                        f"{r['minutes_budget']:g} min, lr {r['learning_rate']:g}",
                         f"{r['seconds']:.0f}",
                         f"{r['perplexity']:.3f}",
                         f"{r['top1_agreement_fp32']:.3f}",
