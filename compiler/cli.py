@@ -173,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="float32",
         help="element type of the KV cache: int8 (4x fewer bytes per token) or int4 (8x, two "
         "values per byte), symmetric with static per-layer, per-head, per-channel scales "
-        "calibrated at build time on --calibration text (x1.2 headroom) and recorded in "
-        "kv_scales.json; onnxruntime CPU backend only; default: float32",
+        "calibrated at build time on --calibration text (headroom x1.2 for int8, x0.8 for "
+        "int4, measured) and recorded in kv_scales.json; onnxruntime CPU backend only; "
+        "SmolLM2: int8 keeps perplexity within 0.1%%, int4 costs ~40%%; default: float32",
     )
     spec = parser.add_argument_group("speculative decoding (docs/speculative.md)")
     spec.add_argument(

@@ -187,7 +187,9 @@ def test_identical_heads_collapse_without_changing_outputs(
     mha_dirs, engines_root, hf_models
 ) -> None:  # type: ignore[no-untyped-def]
     model_dir = mha_dirs["pairs"]
-    engine = build_quiet(str(model_dir), engines_root / "pairs-kv2", kv_heads=2, verify=False)
+    engine = build_quiet(
+        str(model_dir), engines_root / "pairs-kv2", kv_heads=2, verify=False, kv_recovery_minutes=0
+    )
     loaded = hf_models(str(model_dir))
     assert_matches(engine, loaded.model, text_ids(loaded.tokenizer))  # the original model
     report = collapse_report(engine)
@@ -198,7 +200,13 @@ def test_identical_heads_collapse_without_changing_outputs(
 def test_similarity_beats_contiguous_on_permuted_heads(mha_dirs, engines_root, hf_models) -> None:  # type: ignore[no-untyped-def]
     model_dir = mha_dirs["permuted"]
     engines = {
-        g: build_quiet(str(model_dir), engines_root / f"perm-{g}", kv_heads=2, kv_grouping=g)
+        g: build_quiet(
+            str(model_dir),
+            engines_root / f"perm-{g}",
+            kv_heads=2,
+            kv_grouping=g,
+            kv_recovery_minutes=0,  # the ONNX pass's pooling is what these tests check
+        )
         for g in ("contiguous", "similarity")
     }
     sim, contig = (collapse_report(engines[g]) for g in ("similarity", "contiguous"))
@@ -239,6 +247,7 @@ def test_mha_collapses_to_gqa_and_mqa(  # type: ignore[no-untyped-def]
         kv_heads=kv_heads,
         kv_grouping=grouping,
         verify=False,
+        kv_recovery_minutes=0,
     )
     loaded = hf_models(source)
     assert loaded.config.num_key_value_heads == loaded.config.num_attention_heads == 4

@@ -152,6 +152,7 @@ def build_variant(
         max_seq_len=context,
         kv_heads=variant.kv_heads,
         kv_grouping=variant.grouping,
+        kv_recovery_minutes=0,  # pooling alone: scripts/bench-lossy measures the recovery
     )
     cached_engine(config, rebuild=rebuild)
     report = json.loads((engine_dir / "build_report.json").read_text())

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -41,9 +42,7 @@ MODEL = "smollm2-135m"
 # (key, label, build-engine settings): the options and the useful combinations.
 OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
     ("fp32", "fp32", {}),
-    ("int8", "--quantize int8", {"quantize": "int8"}),
     ("int4", "--quantize int4", {"quantize": "int4"}),
-    ("int4-rtn", "--quantize int4 --quant-method rtn", {"quantize": "int4", "quant_method": "rtn"}),
     ("kv8", "--kv-cache-dtype int8", {"kv_cache_dtype": "int8"}),
     ("kv4", "--kv-cache-dtype int4", {"kv_cache_dtype": "int4"}),
     ("kvh1", "--kv-heads 1 (recovery)", {"kv_heads": 1}),
@@ -52,6 +51,8 @@ OPTIONS: tuple[tuple[str, str, dict[str, Any]], ...] = (
         "--quantize int4 --kv-cache-dtype int8",
         {"quantize": "int4", "kv_cache_dtype": "int8"},
     ),
+    ("int8", "--quantize int8", {"quantize": "int8"}),
+    ("int4-rtn", "--quantize int4 --quant-method rtn", {"quantize": "int4", "quant_method": "rtn"}),
     (
         "int4-kvh1-kv8",
         "--quantize int4 --kv-heads 1 --kv-cache-dtype int8",
@@ -99,11 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--recovery-sweep",
         default="0,1",
-        help="comma-separated --kv-recovery-minutes budgets whose perplexity is measured on "
-        "the collapsed transformers model (default 0,1; empty: none)",
+        help="comma-separated --kv-recovery-minutes budgets (MINUTES or MINUTES@LEARNING_RATE) "
+        "whose perplexity is measured on the collapsed transformers model (default 0,1; "
+        "empty: none)",
     )
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="threads everywhere (default 2)")
     p.add_argument("--rebuild", action="store_true", help="rebuild every engine")
+    p.add_argument(
+        "--build-only",
+        action="store_true",
+        help="build the engines that are missing or stale and stop (no measurement: run it "
+        "outside a benchmark lock, then the measuring run only measures)",
+    )
     p.add_argument("--json", type=Path, default=None, help="results file (default: cache)")
     return p
 
@@ -167,9 +175,14 @@ def llama_rows(
 ) -> dict[str, dict[str, Any]]:
     from enginesmith.compiler import quality
     from enginesmith.compiler.presets import smollm2_gguf_path
+    from enginesmith.runtime.errors import BackendUnavailableError
     from enginesmith.scripts.benchmarks.bench_quant import _llama_cpp, llama_decode
 
-    llama_cpp = _llama_cpp()
+    try:
+        llama_cpp = _llama_cpp()
+    except BackendUnavailableError as exc:
+        log(f"no llama.cpp rows: {exc}")
+        return {}
     gguf = smollm2_gguf_path()
     rows: dict[str, dict[str, Any]] = {}
     kv_f16 = 2 * 30 * 3 * 64 * 2
@@ -223,20 +236,26 @@ def llama_rows(
 
 
 def recovery_sweep(
-    loaded: Any, ids: list[int], reference: np.ndarray, budgets: list[float]
+    loaded: Any, ids: list[int], reference: np.ndarray, budgets: list[tuple[float, float | None]]
 ) -> list[dict[str, Any]]:
     from enginesmith.compiler import kv_recovery, quality
 
     out = []
-    for minutes in budgets:
+    for minutes, learning_rate in budgets:
         start = time.perf_counter()
         model, report = kv_recovery.collapse_with_recovery(
-            loaded.model, loaded.tokenizer, 1, minutes=minutes, log=lambda _m: None
+            loaded.model,
+            loaded.tokenizer,
+            1,
+            minutes=minutes,
+            log=lambda _m: None,
+            learning_rate=learning_rate,
         )
         logits = quality.reference_logits_chunked(model, ids)
         out.append(
             {
                 "minutes_budget": minutes,
+                "learning_rate": learning_rate or kv_recovery.LEARNING_RATE,
                 "seconds": round(time.perf_counter() - start, 1),
                 "perplexity": quality.perplexity(logits, ids),
                 "top1_agreement_fp32": float((logits.argmax(-1) == reference.argmax(-1)).mean()),
@@ -246,6 +265,68 @@ def recovery_sweep(
         log(f"recovery {minutes:g} min: perplexity {out[-1]['perplexity']:.3f}")
         del model
         gc.collect()
+    return out
+
+
+def derive_engine(fp32_dir: Path, config: Any, tokenizer: Any) -> Path:
+    """CONFIG's engine made from the fp32 engine's graph by the passes CONFIG adds after the fp32
+    pipeline (weight quantization, then the quantized KV cache), built exactly as build-engine
+    builds them: the same pass objects compiler/pipeline.py makes for CONFIG, the same KV
+    calibration on the written engine. Saves a minute-long load and export per option."""
+    import copy
+
+    import onnx_ir as ir
+
+    from enginesmith.compiler import artifact, kv_cache_calibration, pipeline
+    from enginesmith.compiler.backends import onnxruntime as ort_backend
+    from enginesmith.compiler.export import ModelDims
+    from enginesmith.runtime.engine_dir import read_manifest
+
+    out = config.output.expanduser()
+    fp32 = read_manifest(fp32_dir)
+    if (out / "manifest.json").is_file():
+        built = read_manifest(out)
+        if (
+            built.get("derived_from") == fp32["manifest_sha256"]
+            and built.get("build_config") == config.fingerprint_fields()
+        ):
+            return out
+    log(f"deriving {out} from {fp32_dir}")
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    model = ir.load(fp32_dir / fp32["files_by_role"]["model"])
+    dims = ModelDims(**fp32["model"])
+    extra = [
+        p
+        for p in pipeline.onnxruntime_passes(dims, pipeline.PassInputs(config=config))
+        if p.name == "quantize-weights"
+    ]
+    records = pipeline.run_pipeline(model, extra)
+    manifest = {
+        k: copy.deepcopy(v)
+        for k, v in fp32.items()
+        if k not in ("files", "manifest_sha256", "format_version")
+    }
+    manifest["files_by_role"] = ort_backend.write_engine_files(model, tokenizer, out)
+    manifest["max_batch"] = config.max_batch
+    manifest["build_config"] = config.fingerprint_fields()
+    manifest["derived_from"] = fp32["manifest_sha256"]
+    manifest["passes"] += [r.name for r in records]
+    kv = manifest["kv_cache"]
+    kv["shape_per_layer"][0] = config.max_batch
+    kv["total_bytes"] = kv["bytes_per_token"] * config.max_batch * config.max_seq_len
+    report: dict[str, Any] = {"passes": [r.as_dict() for r in records]}
+    if records:
+        from enginesmith.passes.quantize_weights import manifest_entry
+
+        manifest["quantization"] = manifest_entry(records[0].report)
+        manifest["dtypes"]["weights"] = manifest["quantization"]["mode"]
+    if config.kv_cache_dtype != "float32":
+        report["kv_cache"] = kv_cache_calibration.quantize_engine_kv_cache(
+            out, manifest, model, tokenizer, config.kv_cache_dtype, config.calibration
+        )
+    (out / "build_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    artifact.write_manifest(out, manifest)
     return out
 
 
@@ -267,6 +348,8 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     long_ids = encode(quality.calibration_text())[: args.context_tokens - BATCH_DECODE_TOKENS]
     budget = args.kv_budget_mib << 20
     root = cache_dir() / "engines" / "bench-lossy"
+    partial = cache_dir() / "bench" / "lossy-partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     rows: dict[str, dict[str, Any]] = {}
     reference = None
     for key, label, settings in OPTIONS:
@@ -282,7 +365,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
             verify=False,
             **settings,
         )
-        path = cached_engine(config, rebuild=args.rebuild)
+        if key == "fp32" or "kv_heads" in settings:  # a different export: a full build
+            path = cached_engine(config, rebuild=args.rebuild)
+        else:  # passes after the fp32 pipeline: derived from its engine
+            path = derive_engine(root / "fp32", config, loaded.tokenizer)
+        if args.build_only:
+            continue
         log(f"measuring {label} ({path.name}, batch {batch})")
         row, logits = engine_row(path, ids, reference, args, prompt_ids, long_ids, batch)
         if key == "fp32":
@@ -290,15 +378,19 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         row["label"] = label
         row["batch_fits_budget"] = budget // (per_token * args.context_tokens)
         rows[key] = row
+        partial.write_text(json.dumps(rows, indent=1) + "\n")  # a crash later keeps the rows
         log(
             f"{label}: perplexity {row['perplexity']:.3f}, top-1 {row['top1_agreement_fp32']:.3f}, "
             f"{row['decode_batch1']['median']:.1f} tok/s at batch 1, "
             f"{row['decode_batch_budget']['median']:.1f} at batch {batch}"
         )
+    if args.build_only:
+        raise SystemExit(0)
     assert reference is not None
-    peers = {} if args.skip_llama_cpp else llama_rows(ids, reference, prompt_ids, args)
-    budgets = [float(m) for m in args.recovery_sweep.split(",") if m.strip()]
+    budgets = [_budget(m) for m in args.recovery_sweep.split(",") if m.strip()]
     sweep = recovery_sweep(loaded, ids, reference, budgets) if budgets else []
+    partial.write_text(json.dumps({"engines": rows, "recovery_sweep": sweep}, indent=1) + "\n")
+    peers = {} if args.skip_llama_cpp else llama_rows(ids, reference, prompt_ids, args)
     return {
         "model": MODEL,
         "command": command_line(),
@@ -308,6 +400,12 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         "llama_cpp": peers,
         "recovery_sweep": sweep,
     }
+
+
+def _budget(text: str) -> tuple[float, float | None]:
+    """'MINUTES' or 'MINUTES@LEARNING_RATE' of --recovery-sweep."""
+    minutes, _, rate = text.partition("@")
+    return float(minutes), float(rate) if rate else None
 
 
 def _load() -> float:
@@ -392,7 +490,7 @@ def render(result: dict[str, Any]) -> str:
                 ["--kv-heads 1, recovery budget", "seconds", "perplexity", "top-1 = fp32"],
                 [
                     [
-                        f"{r['minutes_budget']:g} min",
+                        f"{r['minutes_budget']:g} min, lr {r['learning_rate']:g}",
                         f"{r['seconds']:.0f}",
                         f"{r['perplexity']:.3f}",
                         f"{r['top1_agreement_fp32']:.3f}",
