@@ -321,7 +321,13 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine) -> None:  # typ
         threads = [threading.Thread(target=call, args=(i,)) for i in range(6)]
         for t in threads:
             t.start()
-        wait_for(lambda: _used_slots(url) == 2, 30, "both slots to be in use")
+        # Every request must have reached the engine before SIGTERM: one still connecting
+        # then is refused (503 while draining), which is not what this test is about.
+        wait_for(
+            lambda: _used_slots(url) == 2 and _gauge(url, "num_requests_waiting") == 4,
+            30,
+            "both slots in use and four requests waiting",
+        )
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(120)
@@ -338,15 +344,19 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(engine) -> None:  # typ
             proc.wait()
 
 
-def _used_slots(url: str) -> int:
+def _gauge(url: str, name: str) -> int:
     try:
         text = httpx.get(f"{url}/metrics", timeout=2).text
     except httpx.HTTPError:
         return 0
     for line in text.splitlines():
-        if line.startswith("enginesmith:kv_slots_used{"):
+        if line.startswith(f"enginesmith:{name}{{"):
             return int(float(line.split()[-1]))
     return 0
+
+
+def _used_slots(url: str) -> int:
+    return _gauge(url, "kv_slots_used")
 
 
 def test_draining_answers_503(served) -> None:  # type: ignore[no-untyped-def]
