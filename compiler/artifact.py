@@ -24,11 +24,25 @@ from enginesmith.runtime.engine_dir import (
 from enginesmith.runtime.errors import EngineDirError
 
 # The code that decides what an engine's graph is: an engine built by other code is stale.
-_COMPILER_SOURCES = ("compiler/export.py", "compiler/pipeline.py", "passes", "plugins")
+# Everything whose change can change an engine's files: the graph (export, pipeline, passes,
+# plugins), its weights (sources, KV-head recovery, KV-cache scales), the backends and the draft.
+_COMPILER_SOURCES = (
+    "compiler/build.py",
+    "compiler/backends",
+    "compiler/draft.py",
+    "compiler/export.py",
+    "compiler/kv_cache_calibration.py",
+    "compiler/kv_calibration.py",
+    "compiler/kv_recovery.py",
+    "compiler/pipeline.py",
+    "compiler/sources.py",
+    "passes",
+    "plugins",
+)
 
 
 def compiler_fingerprint() -> str:
-    """sha256 over the compiler's graph-producing sources (export, pipeline, passes, plugins):
+    """sha256 over the compiler sources that produce an engine's files (_COMPILER_SOURCES):
     recorded in every manifest so that cached engines (benchmarks) can tell they are stale."""
     root = Path(__file__).resolve().parent.parent
     digest = hashlib.sha256()

@@ -41,7 +41,7 @@ from enginesmith.scripts.benchmarks.bench import (
     run_record,
 )
 
-SOURCES = ("ngram", "suffix", "self:int8", "suffix+self:int8")
+SOURCES = ("ngram", "suffix", "self:int8", "self:int4", "ngram+self:int4")
 QUESTIONS = (
     "Explain how a hash table works and when it is slow.",
     "What were the main causes of the French Revolution?",
@@ -274,14 +274,25 @@ def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--max-tokens >= 8 and --prompts >= 1")
 
 
-def ensure_engine(path: Path | None) -> Path:
+def ensure_engine(path: Path | None, draft: str = "self:int8") -> Path:
+    """The fp32 target with DRAFT built into its draft/ (one engine per model draft: the
+    target weights are the same, so target-only rows need only the first)."""
     from enginesmith.compiler.config import BuildConfig
     from enginesmith.compiler.presets import cache_dir
     from enginesmith.scripts.benchmarks.bench import cached_engine
 
-    out = path or cache_dir() / "engines" / "smollm2-135m-spec"
-    config = BuildConfig("smollm2-135m", out, max_batch=8, max_seq_len=1024, draft="self:int8")
+    name = "smollm2-135m-spec" + ("" if draft == "self:int8" else "-" + draft.split(":")[1])
+    out = path or cache_dir() / "engines" / name
+    config = BuildConfig("smollm2-135m", out, max_batch=8, max_seq_len=1024, draft=draft)
     return cached_engine(config)
+
+
+def engine_for(source: str, engines: dict[str, Path]) -> Path:
+    """The engine whose draft/ holds SOURCE's model draft (the self:int8 one otherwise)."""
+    for part in source.split("+"):
+        if part in engines:
+            return engines[part]
+    return engines["self:int8"]
 
 
 def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
@@ -289,8 +300,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     from enginesmith.compiler.presets import smollm2_gguf_path
 
     engine = ensure_engine(args.engine_dir)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     sources = [s for s in args.sources.split(",") if s]
+    engines = {"self:int8": engine}
+    if args.engine_dir is None and any("self:int4" in s.split("+") for s in sources):
+        engines["self:int4"] = ensure_engine(None, "self:int4")
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     base = LLM(engine, speculative=False, threads=args.threads)
     log("v(K) table")
     vk = verify_cost_table(base.executor, [1, 2, 4], 7, args.context, reps=args.vk_reps)
@@ -309,7 +323,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         llm = base if source is None else None
         if llm is None:
             llm = LLM(
-                engine,
+                engine_for(source, engines),
                 draft=source,
                 max_draft_len=args.max_draft_len,
                 threads=args.threads,
@@ -363,7 +377,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     batch_rows = []
     mixed = [p for pair in zip(prompts["grounded"], prompts["free"], strict=True) for p in pair]
     spec_llm = LLM(
-        engine,
+        engine_for(best, engines),
         draft=best,
         max_draft_len=args.max_draft_len,
         threads=args.threads,

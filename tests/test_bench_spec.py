@@ -1,0 +1,51 @@
+"""scripts/bench-spec's pure parts: which engine serves a source, the v(K) fit, the formula."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from enginesmith.scripts.benchmarks import bench_spec
+
+
+def test_each_model_draft_runs_on_the_engine_that_holds_it() -> None:
+    engines = {"self:int8": Path("spec"), "self:int4": Path("spec-int4")}
+    assert bench_spec.engine_for("self:int4", engines) == Path("spec-int4")
+    assert bench_spec.engine_for("ngram+self:int4", engines) == Path("spec-int4")
+    assert bench_spec.engine_for("suffix+self:int8", engines) == Path("spec")
+    assert bench_spec.engine_for("ngram", engines) == Path("spec")  # model-free: any target
+
+
+def test_fit_ratio_recovers_the_linear_step_cost_model() -> None:
+    r = {1: 0.05, 4: 0.08}
+    v = {
+        str(b): {str(k): (1 + rb * b * (k + 1)) / (1 + rb * b) for k in range(8)}
+        for b, rb in r.items()
+    }
+    fitted = bench_spec.fit_ratio(v)
+    assert fitted["1"] == pytest.approx(0.05, rel=1e-9)
+    assert fitted["4"] == pytest.approx(0.08, rel=1e-9)
+
+
+def test_predicted_speedup_is_the_published_formula() -> None:
+    # Leviathan et al.: (1 - a^(K+1)) / ((1 - a)(cK + v)); a = 0.8, K = 4, c = 0, v = 1.2
+    assert bench_spec.predicted_speedup(0.8, 4, 0.0, 1.2) == pytest.approx(
+        (1 - 0.8**5) / (0.2 * 1.2)
+    )
+    assert bench_spec.predicted_speedup(0.9, 0, 0.0, 1.0) is None  # nothing drafted
+    # a model draft's own steps cost: c = 0.3 lowers the prediction
+    assert bench_spec.predicted_speedup(0.8, 4, 0.3, 1.2) < bench_spec.predicted_speedup(
+        0.8, 4, 0.0, 1.2
+    )
+
+
+def test_best_source_is_the_highest_mean_greedy_speedup() -> None:
+    rows = [
+        {"source": "ngram", "temperature": 0.0, "speedup": 1.8},
+        {"source": "ngram", "temperature": 0.0, "speedup": 1.0},
+        {"source": "self:int4", "temperature": 0.0, "speedup": 1.5},
+        {"source": "self:int4", "temperature": 0.0, "speedup": 1.4},
+        {"source": "suffix", "temperature": 0.8, "speedup": 9.0},  # sampled rows do not rank
+    ]
+    assert bench_spec._best_source(rows) == "self:int4"
