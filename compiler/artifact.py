@@ -23,30 +23,41 @@ from enginesmith.runtime.engine_dir import (
 )
 from enginesmith.runtime.errors import EngineDirError
 
-# The code that decides what an engine's graph is: an engine built by other code is stale.
-# Everything whose change can change an engine's files: the graph (export, pipeline, passes,
-# plugins), its weights (sources, KV-head recovery, KV-cache scales), the backends and the draft.
+# What an engine's files depend on: always the graph (export, pipeline, passes, plugins), the
+# weights' loading and the backends; the rest only where the build used it (a change to the
+# KV-head recovery must not invalidate every cached engine, only collapsed ones).
 _COMPILER_SOURCES = (
-    "compiler/build.py",
     "compiler/backends",
-    "compiler/draft.py",
+    "compiler/build.py",
     "compiler/export.py",
-    "compiler/kv_cache_calibration.py",
-    "compiler/kv_calibration.py",
-    "compiler/kv_recovery.py",
     "compiler/pipeline.py",
     "compiler/sources.py",
     "passes",
     "plugins",
 )
+_FEATURE_SOURCES: dict[str, tuple[str, ...]] = {
+    "kv_heads": ("compiler/kv_recovery.py", "compiler/kv_calibration.py"),
+    "kv_cache_dtype": ("compiler/kv_cache_calibration.py",),
+    "draft": ("compiler/draft.py",),
+}
 
 
-def compiler_fingerprint() -> str:
-    """sha256 over the compiler sources that produce an engine's files (_COMPILER_SOURCES):
-    recorded in every manifest so that cached engines (benchmarks) can tell they are stale."""
+def _uses(config: Any, feature: str) -> bool:
+    value = getattr(config, feature, None)
+    return value is not None and value != "float32"
+
+
+def compiler_fingerprint(config: Any = None) -> str:
+    """sha256 over the compiler sources that produce an engine's files (_COMPILER_SOURCES, plus
+    the _FEATURE_SOURCES of the features CONFIG, a BuildConfig, uses): recorded in every
+    manifest so that cached engines (benchmarks) can tell they are stale."""
     root = Path(__file__).resolve().parent.parent
+    entries = list(_COMPILER_SOURCES)
+    for feature, paths in _FEATURE_SOURCES.items():
+        if config is not None and _uses(config, feature):
+            entries.extend(paths)
     digest = hashlib.sha256()
-    for entry in _COMPILER_SOURCES:
+    for entry in entries:
         path = root / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for f in files:
@@ -60,7 +71,7 @@ def stale_reason(engine_dir: Path, config: Any) -> str | None:
     if not (engine_dir / "manifest.json").is_file():
         return "no engine there yet"
     manifest = read_manifest(engine_dir, verify_hashes=False)
-    if manifest.get("compiler_fingerprint") != compiler_fingerprint():
+    if manifest.get("compiler_fingerprint") != compiler_fingerprint(config):
         return "it was built by other compiler code"
     if manifest.get("build_config") != config.fingerprint_fields():
         return "it was built with other settings"

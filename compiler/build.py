@@ -172,7 +172,7 @@ def build(
             manifest.update(
                 {
                     "enginesmith_version": enginesmith.__version__,
-                    "compiler_fingerprint": artifact.compiler_fingerprint(),
+                    "compiler_fingerprint": artifact.compiler_fingerprint(config),
                     "build_config": config.fingerprint_fields(),
                     "backend": config.backend,
                     "backend_versions": ort_backend.runtime_versions(),

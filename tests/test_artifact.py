@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -214,3 +215,18 @@ def test_build_engine_if_stale_skips_a_current_engine(
     assert build_engine_main([*args, "--max-batch", "2"]) == 0
     assert "built with other settings" in capsys.readouterr().out
     assert artifact.read_manifest(out)["max_batch"] == 2
+
+
+def test_fingerprint_covers_a_features_code_only_where_the_build_uses_it() -> None:
+    """A change to the KV-head recovery code makes collapsed engines stale, not every engine."""
+    plain = BuildConfig(model=PRESET, output=Path("unused"))
+    assert artifact.compiler_fingerprint(plain) == artifact.compiler_fingerprint()
+    for changed in (
+        dataclasses.replace(plain, kv_heads=1),
+        dataclasses.replace(plain, kv_cache_dtype="int8"),
+        dataclasses.replace(plain, draft="self:int8"),
+    ):
+        assert artifact.compiler_fingerprint(changed) != artifact.compiler_fingerprint(plain)
+    assert artifact.compiler_fingerprint(
+        dataclasses.replace(plain, kv_cache_dtype="float32")
+    ) == artifact.compiler_fingerprint(plain)

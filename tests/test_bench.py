@@ -475,7 +475,7 @@ def test_cached_engine_rebuilds_only_stale_engines(
     rebuilt = (path / "manifest.json").stat().st_mtime_ns
     assert rebuilt != built
 
-    monkeypatch.setattr(artifact, "compiler_fingerprint", lambda: "other-compiler")
+    monkeypatch.setattr(artifact, "compiler_fingerprint", lambda *_: "other-compiler")
     assert bench.cached_engine(dataclasses.replace(config, max_batch=2), check_stale=False) == path
     assert (path / "manifest.json").stat().st_mtime_ns == rebuilt  # not checked: reused
     bench.cached_engine(dataclasses.replace(config, max_batch=2))
