@@ -23,10 +23,15 @@ GLOBAL_MAX_NODES = 2_000_000  # the cross-request trie stops growing here (memor
 
 
 class _Node:
-    __slots__ = ("children", "count")
+    # total and best are kept up to date by SuffixTrie.extend so that following a draft does
+    # not scan every child per token (a node near the root has thousands).
+    __slots__ = ("best", "children", "count", "order", "total")
 
-    def __init__(self) -> None:
+    def __init__(self, order: int) -> None:
         self.count = 0
+        self.total = 0  # sum of the children's counts
+        self.best = -1  # the most frequent child's token, the first inserted on ties (as max())
+        self.order = order  # insertion index among the parent's children (ties)
         self.children: dict[int, _Node] = {}
 
 
@@ -35,7 +40,7 @@ class SuffixTrie:
 
     def __init__(self, depth: int = DEPTH) -> None:
         self.depth = depth
-        self.root = _Node()
+        self.root = _Node(0)
         self.num_nodes = 0
         self._active: list[_Node] = []  # nodes of the suffixes of length 1.. ending at the end
 
@@ -43,11 +48,21 @@ class SuffixTrie:
         for token in tokens:
             grown = []
             for length, node in enumerate([self.root, *self._active]):
-                child = node.children.get(token)
+                children = node.children
+                child = children.get(token)
                 if child is None:
-                    child = node.children[token] = _Node()
+                    child = children[token] = _Node(len(children))
                     self.num_nodes += 1
                 child.count += 1
+                node.total += 1
+                if token != node.best:
+                    best = children.get(node.best)
+                    if (
+                        best is None
+                        or child.count > best.count
+                        or (child.count == best.count and child.order < best.order)
+                    ):
+                        node.best = token
                 if length + 1 < self.depth:
                     grown.append(child)
             self._active = grown
@@ -70,13 +85,24 @@ class SuffixTrie:
             return self._follow(node, min(max_draft, int(MAX_SPEC_FACTOR * m), self.depth - m))
         return [], 0.0
 
+    def lookup_own(self, max_draft: int) -> tuple[list[int], float]:
+        """lookup(context) when this trie holds exactly CONTEXT as its one open sequence: the
+        nodes of its suffixes are the active ones, so no walk from the root is needed."""
+        active = self._active
+        for m in range(min(MAX_MATCH, len(active)), 0, -1):
+            node = active[m - 1]
+            if node.children:
+                return self._follow(node, min(max_draft, int(MAX_SPEC_FACTOR * m), self.depth - m))
+        return [], 0.0
+
     @staticmethod
     def _follow(node: _Node, limit: int) -> tuple[list[int], float]:
         draft: list[int] = []
         prob, score = 1.0, 0.0
         while len(draft) < limit and node.children:
-            token, child = max(node.children.items(), key=lambda kv: kv[1].count)
-            prob *= child.count / sum(c.count for c in node.children.values())
+            token = node.best
+            child = node.children[token]
+            prob *= child.count / node.total
             if prob < MIN_TOKEN_PROB:
                 break
             draft.append(token)
@@ -104,8 +130,12 @@ class SuffixProposer:
     def propose(self, requests: Sequence[SpecRequest]) -> dict[str, Draft]:
         drafts = {}
         for r in requests:
-            own, own_score = self._request_trie(r).lookup(r.token_ids, r.max_draft)
-            past, past_score = self.global_trie.lookup(r.token_ids, r.max_draft)
+            own, own_score = self._request_trie(r).lookup_own(r.max_draft)
+            past, past_score = (
+                self.global_trie.lookup(r.token_ids, r.max_draft)
+                if self.global_trie.num_nodes
+                else ([], 0.0)
+            )
             tokens = own if own_score >= past_score else past
             if tokens:
                 drafts[r.request_id] = Draft(tokens)
