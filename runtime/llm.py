@@ -108,6 +108,7 @@ class LLM:
             if not getattr(self.tokenizer, "clean_up_tokenization_spaces", True)
             else None
         )
+        self._token_text: dict[int, str] = {}  # one token's text (at most the vocabulary)
         source = draft or self.manifest.get("speculative", {}).get("draft")
         if not speculative:
             source = None
@@ -326,6 +327,14 @@ class LLM:
         return ids
 
     def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1:  # the detokenizer's window before the newest token, most steps
+            text = self._token_text.get(ids[0])
+            if text is None:
+                text = self._token_text[ids[0]] = self._decode_ids(ids)
+            return text
+        return self._decode_ids(ids)
+
+    def _decode_ids(self, ids: list[int]) -> str:
         if self._backend_decode is not None:
             return str(self._backend_decode(ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))

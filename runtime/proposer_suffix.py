@@ -23,16 +23,23 @@ GLOBAL_MAX_NODES = 2_000_000  # the cross-request trie stops growing here (memor
 
 
 class _Node:
-    # total and best are kept up to date by SuffixTrie.extend so that following a draft does
-    # not scan every child per token (a node near the root has thousands).
-    __slots__ = ("best", "children", "count", "order", "total")
+    __slots__ = ("best", "children", "count", "scanned", "total")
 
-    def __init__(self, order: int) -> None:
+    def __init__(self) -> None:
         self.count = 0
-        self.total = 0  # sum of the children's counts
-        self.best = -1  # the most frequent child's token, the first inserted on ties (as max())
-        self.order = order  # insertion index among the parent's children (ties)
         self.children: dict[int, _Node] = {}
+        self.total = 0  # sum of the children's counts (kept by extend)
+        # The most frequent child's token (the first inserted on ties, as max()) as of when the
+        # children's counts summed to `scanned`: a draft rescans a node's children only after
+        # they changed, not at every token of every round.
+        self.best = -1
+        self.scanned = 0
+
+    def best_child(self) -> tuple[int, _Node]:
+        if self.scanned != self.total:
+            self.best = max(self.children.items(), key=lambda kv: kv[1].count)[0]
+            self.scanned = self.total
+        return self.best, self.children[self.best]
 
 
 class SuffixTrie:
@@ -40,32 +47,29 @@ class SuffixTrie:
 
     def __init__(self, depth: int = DEPTH) -> None:
         self.depth = depth
-        self.root = _Node(0)
+        self.root = _Node()
         self.num_nodes = 0
         self._active: list[_Node] = []  # nodes of the suffixes of length 1.. ending at the end
 
     def extend(self, tokens: Sequence[int]) -> None:
+        # The hot loop of suffix drafting (up to DEPTH nodes per token): locals only.
+        depth, root, active, created = self.depth, self.root, self._active, 0
         for token in tokens:
-            grown = []
-            for length, node in enumerate([self.root, *self._active]):
-                children = node.children
-                child = children.get(token)
+            grown: list[_Node] = []
+            keep = grown.append
+            for node in (root, *active):
+                child = node.children.get(token)
                 if child is None:
-                    child = children[token] = _Node(len(children))
-                    self.num_nodes += 1
+                    child = node.children[token] = _Node()
+                    created += 1
                 child.count += 1
                 node.total += 1
-                if token != node.best:
-                    best = children.get(node.best)
-                    if (
-                        best is None
-                        or child.count > best.count
-                        or (child.count == best.count and child.order < best.order)
-                    ):
-                        node.best = token
-                if length + 1 < self.depth:
-                    grown.append(child)
-            self._active = grown
+                keep(child)
+            if len(grown) >= depth:  # a substring of DEPTH tokens does not grow further
+                grown.pop()
+            active = grown
+        self._active = active
+        self.num_nodes += created
 
     def end_sequence(self) -> None:
         """The next tokens start a new sequence (no substring spans the boundary)."""
@@ -100,8 +104,7 @@ class SuffixTrie:
         draft: list[int] = []
         prob, score = 1.0, 0.0
         while len(draft) < limit and node.children:
-            token = node.best
-            child = node.children[token]
+            token, child = node.best_child()
             prob *= child.count / node.total
             if prob < MIN_TOKEN_PROB:
                 break
@@ -115,14 +118,18 @@ class SuffixProposer:
     name = "suffix"
     is_model = False
 
-    def __init__(self) -> None:
+    def __init__(self, max_draft_len: int | None = None) -> None:
         self.global_trie = SuffixTrie()
         self._tries: dict[str, tuple[SuffixTrie, int]] = {}  # request id -> trie, tokens in it
+        # A request's own trie grows by every token it emits: keep it only as deep as a lookup
+        # reaches (the longest match, then the longest draft); deeper nodes would never be
+        # read. The drafts are the same as with DEPTH for any max_draft <= max_draft_len.
+        self.own_depth = min(DEPTH, MAX_MATCH + 1 + (max_draft_len or DEPTH))
 
     def _request_trie(self, r: SpecRequest) -> SuffixTrie:
         trie, inserted = self._tries.get(r.request_id, (None, 0))
         if trie is None:
-            trie = SuffixTrie()
+            trie = SuffixTrie(self.own_depth)
         trie.extend(r.token_ids[inserted:])
         self._tries[r.request_id] = (trie, len(r.token_ids))
         return trie

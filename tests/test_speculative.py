@@ -145,14 +145,14 @@ def test_ngram_index_grown_token_by_token_answers_as_ngram_lookup() -> None:
     assert index.lookup(2) == ngram_lookup([7, 8, 7], 2) == [8, 7]
 
 
-def test_suffix_trie_keeps_each_nodes_best_child_and_total() -> None:
+def test_suffix_trie_keeps_each_nodes_total_and_best_child() -> None:
     from enginesmith.runtime.proposer_suffix import SuffixTrie, _Node
 
     def check(node: _Node) -> None:
         if node.children:
             assert node.total == sum(c.count for c in node.children.values())
             # max() over insertion order: the first child with the highest count
-            assert node.best == max(node.children.items(), key=lambda kv: kv[1].count)[0]
+            assert node.best_child() == max(node.children.items(), key=lambda kv: kv[1].count)
         for child in node.children.values():
             check(child)
 
@@ -167,6 +167,20 @@ def test_suffix_trie_keeps_each_nodes_best_child_and_total() -> None:
             check(trie.root)
             for k in (1, 3):
                 assert trie.lookup_own(k) == trie.lookup(seq, k)
+
+
+def test_suffix_proposer_drafts_the_same_with_a_shallower_own_trie() -> None:
+    from enginesmith.runtime.proposer_suffix import SuffixProposer
+
+    rng = np.random.default_rng(2)
+    full, shallow = SuffixProposer(), SuffixProposer(max_draft_len=4)
+    assert shallow.own_depth < full.own_depth
+    seq = [int(t) for t in rng.integers(4, size=30)]
+    for _ in range(60):
+        for k in (1, 4):
+            ask = SpecRequest("r", list(seq), 5, slot=0, max_draft=k, sampler=GREEDY)
+            assert full.propose([ask]).get("r") == shallow.propose([ask]).get("r")
+        seq += [int(t) for t in rng.integers(4, size=int(rng.integers(1, 4)))]
 
 
 def test_policy_drafts_less_as_the_batch_grows() -> None:
