@@ -240,6 +240,13 @@ class EngineCore:
             request = self.live[request_id]
             assert isinstance(tokens, list)
             first = len(request.sched.output_token_ids) - len(tokens)
+            if len(tokens) == 1 and request.params.logprobs is None:
+                # One token without logprobs (every plain decode): no per-token bookkeeping.
+                delta = self._accept(request, tokens[0], now, first + 1)
+                self._done(request)
+                finished = request.finish_reason is not None
+                events.append(StepEvent(request, delta, finished, tokens))
+                continue
             rows = rows_by_request[request_id]
             delta = ""
             emitted: list[int] = []
@@ -259,12 +266,16 @@ class EngineCore:
                     del request.sched.output_token_ids[first + i + 1 :]  # tokens past a stop
                     break
             request.logprobs.extend(token_logprobs)
-            if request.finish_reason is not None:
-                self._finish(request)
-                del self.live[request_id]
+            self._done(request)
             finished = request.finish_reason is not None
             events.append(StepEvent(request, delta, finished, emitted, token_logprobs))
         return events
+
+    def _done(self, request: LiveRequest) -> None:
+        """Free REQUEST if this step finished it."""
+        if request.finish_reason is not None:
+            self._finish(request)
+            del self.live[request.request_id]
 
     def _finish(self, request: LiveRequest) -> None:
         if self.speculator is not None:
@@ -321,6 +332,8 @@ class EngineCore:
         lo, hi = min(slots), max(slots) + 1
         rows = hi - lo
         width = max(c.num_new_tokens for c in chunks)
+        if width == 1:
+            return self._run_plain_decodes(chunks, slots, lo, rows)
         input_ids = np.zeros((rows, width), np.int64)
         position_ids = np.zeros((rows, width), np.int64)
         seqlens_k = np.zeros(rows, np.int32)  # idle rows: T = 1, Q = 0 -> cache untouched
@@ -344,10 +357,26 @@ class EngineCore:
         out = self.executor.step(lo, input_ids, position_ids, seqlens_k, query_seqlens, indices)
         return {rid: out[a:b] for (rid, a, b), c in zip(picks, chunks, strict=True) if c.samples}
 
-    def _stop_token_ids(self, params: SamplingParams) -> frozenset[int]:
-        """The tokens that end a request: its stop_token_ids, and EOS unless ignore_eos."""
-        stops = frozenset(params.stop_token_ids)
-        return stops if params.ignore_eos else stops | self.eos_token_ids
+    def _run_plain_decodes(
+        self, chunks: list[ScheduledChunk], slots: list[int], lo: int, rows: int
+    ) -> dict[str, np.ndarray]:
+        """_run_decodes when every row is one token (no drafts): the arrays built from Python
+        lists in one call each (host time between decode calls is on the critical path)."""
+        tokens, positions, queries = [0] * rows, [0] * rows, [0] * rows
+        for c, slot in zip(chunks, slots, strict=True):
+            row = slot - lo
+            tokens[row] = c.request.token_at(c.start)
+            positions[row] = c.start
+            queries[row] = 1  # idle rows: T = 1, Q = 0 -> cache untouched
+        out = self.executor.step(
+            lo,
+            np.array([tokens], np.int64).reshape(rows, 1),
+            np.array([positions], np.int64).reshape(rows, 1),
+            np.array(positions, np.int32),
+            np.array(queries, np.int32),
+            np.array(slots, np.int64) - lo,
+        )
+        return {c.request.request_id: out[i : i + 1] for i, c in enumerate(chunks) if c.samples}
 
     def _accept(self, r: LiveRequest, token: int, now: float, n: int) -> str:
         """Record R's N-th generated TOKEN (already appended by the scheduler); decide if R is
@@ -363,7 +392,8 @@ class EngineCore:
         r.stats.decode_s = now - r.first_token_at
         r.stats.total_s = now - r.arrival
         r.stats.num_preemptions = sched.num_preemptions
-        if token in self._stop_token_ids(p):
+        # A stop token: one of the request's, or EOS unless ignore_eos.
+        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids):
             r.finish_reason = "stop"
             delta = r.stopper.flush()
         else:

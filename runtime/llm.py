@@ -100,6 +100,15 @@ class LLM:
         self.tokenizer = AutoTokenizer.from_pretrained(
             self.engine_dir / self.manifest["files_by_role"]["tokenizer"]
         )
+        # The detokenizer decodes twice per token: call the Rust tokenizer directly when the
+        # wrapper would only convert types and pass it through (no clean-up pass).
+        backend = getattr(self.tokenizer, "_tokenizer", None)
+        self._backend_decode = (
+            getattr(backend, "decode", None)
+            if not getattr(self.tokenizer, "clean_up_tokenization_spaces", True)
+            else None
+        )
+        self._token_text: dict[int, str] = {}  # one token's text (at most the vocabulary)
         source = draft or self.manifest.get("speculative", {}).get("draft")
         if not speculative:
             source = None
@@ -318,6 +327,16 @@ class LLM:
         return ids
 
     def _decode(self, ids: list[int]) -> str:
+        if len(ids) == 1:  # the detokenizer's window before the newest token, most steps
+            text = self._token_text.get(ids[0])
+            if text is None:
+                text = self._token_text[ids[0]] = self._decode_ids(ids)
+            return text
+        return self._decode_ids(ids)
+
+    def _decode_ids(self, ids: list[int]) -> str:
+        if self._backend_decode is not None:
+            return str(self._backend_decode(ids, skip_special_tokens=True))
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def _drive(self, requests: list[LiveRequest]) -> Iterator[StepEvent]:

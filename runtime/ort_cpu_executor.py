@@ -123,4 +123,6 @@ class OrtCpuExecutor:
         bind_step_inputs(binding, input_ids, position_ids, seqlens_k, query_seqlens, logits_indices)
         binding.bind_output("logits", "cpu")  # rebound (same index): a fresh array each run
         self.session.run_with_iobinding(binding)
-        return binding.get_outputs()[0].numpy()
+        # The raw vector: get_outputs() would wrap all 2 * num_layers + 1 outputs in Python
+        # OrtValues each step (measured ~0.2 ms of host time per token), for the logits alone.
+        return binding.get_outputs_as_ortvaluevector()[0].numpy()

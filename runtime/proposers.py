@@ -30,7 +30,7 @@ def make_speculator(
     if k < 1:
         raise InvalidRequestError(f"max_draft_len must be >= 1 (got {k})")
     parts = [
-        _one(p, engine_dir, manifest, threads, verify_files, spin_wait)
+        _one(p, engine_dir, manifest, k, threads, verify_files, spin_wait)
         for p in parse_draft_source(source)
     ]
     proposer: Proposer
@@ -52,6 +52,7 @@ def _one(
     part: str,
     engine_dir: Path,
     manifest: dict[str, Any],
+    max_draft_len: int,
     threads: int | None,
     verify: bool,
     spin_wait: bool,
@@ -63,7 +64,7 @@ def _one(
     if part == "suffix":
         from enginesmith.runtime.proposer_suffix import SuffixProposer
 
-        return SuffixProposer()
+        return SuffixProposer(max_draft_len)
     from enginesmith.runtime.proposer_draft_engine import DraftEngineProposer
 
     draft_dir = _draft_dir(part, engine_dir, manifest)

@@ -70,6 +70,15 @@ class SchedRequest:
             else self.output_token_ids[index - prompt]
         )
 
+    def token_slice(self, start: int, stop: int) -> list[int]:
+        """all_token_ids[start:stop] without building prompt + output (verify rows)."""
+        prompt = len(self.prompt_token_ids)
+        if start >= prompt:
+            return self.output_token_ids[start - prompt : stop - prompt]
+        if stop <= prompt:
+            return self.prompt_token_ids[start:stop]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: stop - prompt]
+
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
@@ -154,7 +163,7 @@ class ScheduledChunk:
     def token_ids(self) -> list[int]:
         """The tokens this chunk computes: known tokens, then its draft tokens."""
         known = self.num_new_tokens - self.num_spec
-        return self.request.all_token_ids[self.start : self.start + known] + self.spec_token_ids
+        return self.request.token_slice(self.start, self.start + known) + self.spec_token_ids
 
 
 @dataclass

@@ -61,11 +61,14 @@ def verify(
 
 
 def _verify_greedy(draft_tokens: Sequence[int], target_logits: np.ndarray) -> list[int]:
-    target = np.argmax(target_logits, axis=-1)  # [K + 1]: the target's greedy token per position
+    # Row by row, up to the first mismatch: each argmax reads a vocab-sized row, and the rows
+    # after a rejected draft are not needed.
     out: list[int] = []
     for i, token in enumerate(draft_tokens):
-        if int(target[i]) != token:
-            break
-        out.append(int(token))
-    out.append(int(target[len(out)]))
+        target = int(np.argmax(target_logits[i]))  # the target's greedy token after i drafts
+        if target != token:
+            out.append(target)
+            return out
+        out.append(target)
+    out.append(int(np.argmax(target_logits[len(draft_tokens)])))
     return out

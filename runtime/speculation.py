@@ -118,13 +118,11 @@ class Speculator:
                 sampler.params.max_tokens - len(r.output_token_ids) - 1,  # +1: the target's token
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
-            k = min(self.policy.choose(state.acceptance, batch), room)
-            # A hybrid's free part may draft more than its model part is worth.
-            k_free = min(self.free_policy.choose(state.acceptance, batch), room)
-            if self.hybrid and k_free > k:
-                k, k_model = k_free, k
-            else:
-                k_model = k
+            k = k_model = min(self.policy.choose(state.acceptance, batch), room)
+            if self.hybrid:  # its free part may draft more than its model part is worth
+                k_free = min(self.free_policy.choose(state.acceptance, batch), room)
+                if k_free > k:
+                    k, k_model = k_free, k
             if k == 0 and shadow and room > 0:
                 k = -1  # ask for one token, keep it out of the step
             if k != 0:

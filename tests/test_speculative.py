@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from enginesmith import LLM, SamplingParams
-from enginesmith.runtime.proposer_ngram import ngram_lookup
+from enginesmith.runtime.proposer_ngram import NgramIndex, ngram_lookup
 from enginesmith.runtime.sampling import Sampler
 from enginesmith.runtime.scheduler import KVCacheManager, SchedRequest, Scheduler
 from enginesmith.runtime.spec_policy import DraftLengthPolicy, expected_tokens
@@ -126,6 +126,61 @@ def test_ngram_lookup_takes_the_most_recent_longest_match() -> None:
     assert ngram_lookup([4, 5, 6], 3) == []
     assert ngram_lookup([8, 8], 3) == [8, 8, 8]  # a run continues itself
     assert ngram_lookup([1, 2, 1], 4) == [2, 1, 2, 1]
+
+
+def test_ngram_index_grown_token_by_token_answers_as_ngram_lookup() -> None:
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        vocab, min_n, max_n = (2, 3, 5, 20)[trial % 4], 1 + trial % 2, 2 + trial % 3
+        seq = [int(t) for t in rng.integers(vocab, size=int(rng.integers(1, 20)))]
+        index = NgramIndex(min_n, max_n)
+        for _ in range(30):
+            index.update(seq)
+            k = int(rng.integers(0, 6))
+            assert index.lookup(k) == ngram_lookup(seq, k, min_n, max_n), (seq, k)
+            seq = seq + [int(t) for t in rng.integers(vocab, size=int(rng.integers(1, 4)))]
+    index = NgramIndex()
+    index.update([1, 2, 3, 4])
+    index.update([7, 8, 7])  # not a continuation of what it holds: rebuilt
+    assert index.lookup(2) == ngram_lookup([7, 8, 7], 2) == [8, 7]
+
+
+def test_suffix_trie_keeps_each_nodes_total_and_best_child() -> None:
+    from enginesmith.runtime.proposer_suffix import SuffixTrie, _Node
+
+    def check(node: _Node) -> None:
+        if node.children:
+            assert node.total == sum(c.count for c in node.children.values())
+            # max() over insertion order: the first child with the highest count
+            assert node.best_child() == max(node.children.items(), key=lambda kv: kv[1].count)
+        for child in node.children.values():
+            check(child)
+
+    rng = np.random.default_rng(1)
+    for depth, vocab in ((4, 2), (8, 3), (24, 6)):
+        trie = SuffixTrie(depth)
+        seq: list[int] = []
+        for _ in range(40):
+            new = [int(t) for t in rng.integers(vocab, size=int(rng.integers(1, 5)))]
+            trie.extend(new)
+            seq += new
+            check(trie.root)
+            for k in (1, 3):
+                assert trie.lookup_own(k) == trie.lookup(seq, k)
+
+
+def test_suffix_proposer_drafts_the_same_with_a_shallower_own_trie() -> None:
+    from enginesmith.runtime.proposer_suffix import SuffixProposer
+
+    rng = np.random.default_rng(2)
+    full, shallow = SuffixProposer(), SuffixProposer(max_draft_len=4)
+    assert shallow.own_depth < full.own_depth
+    seq = [int(t) for t in rng.integers(4, size=30)]
+    for _ in range(60):
+        for k in (1, 4):
+            ask = SpecRequest("r", list(seq), 5, slot=0, max_draft=k, sampler=GREEDY)
+            assert full.propose([ask]).get("r") == shallow.propose([ask]).get("r")
+        seq += [int(t) for t in rng.integers(4, size=int(rng.integers(1, 4)))]
 
 
 def test_policy_drafts_less_as_the_batch_grows() -> None:
