@@ -14,7 +14,7 @@ the measured v(K) table that r is fitted to.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 # Fitted to the measured v(K) of the SmolLM2 fp32 engine on ONNX Runtime CPU (docs/benchmarks.md).
 DEFAULT_TOKEN_COST_RATIO = 0.06
@@ -35,10 +35,20 @@ class DraftLengthPolicy:
     max_draft_len: int = 4
     draft_cost: float = 0.0  # c: a draft step / a target step (0: model-free)
     token_cost_ratio: float = DEFAULT_TOKEN_COST_RATIO  # r in v(K, B)
+    # r measured per batch size (scripts/bench-spec fits one per B): a batch uses the entry of
+    # the largest measured B at or below it. Empty: token_cost_ratio for every batch.
+    ratio_by_batch: dict[int, float] = field(default_factory=dict)
+
+    def ratio(self, batch: int) -> float:
+        if not self.ratio_by_batch:
+            return self.token_cost_ratio
+        measured = sorted(self.ratio_by_batch)
+        below = [b for b in measured if b <= batch]
+        return self.ratio_by_batch[below[-1] if below else measured[0]]
 
     def verify_cost(self, k: int, batch: int) -> float:
         """v(K, B): a step of B rows with K + 1 tokens each over one of B one-token rows."""
-        r = self.token_cost_ratio
+        r = self.ratio(batch)
         return (1 + r * batch * (k + 1)) / (1 + r * batch)
 
     def choose(self, acceptance: float, batch: int) -> int:

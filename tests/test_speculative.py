@@ -191,6 +191,22 @@ def test_policy_drafts_less_as_the_batch_grows() -> None:
     assert expected_tokens(0.5, 1) == pytest.approx(1.5)
 
 
+def test_policy_uses_the_ratio_measured_for_the_batch() -> None:
+    """A step-cost ratio measured per batch size replaces the single one: a costlier batch
+    drafts less, a batch between two measured sizes takes the smaller size's ratio."""
+    flat = DraftLengthPolicy(max_draft_len=6, token_cost_ratio=0.04)
+    measured = DraftLengthPolicy(
+        max_draft_len=6, token_cost_ratio=0.04, ratio_by_batch={1: 0.04, 4: 0.2}
+    )
+    assert measured.verify_cost(3, 1) == pytest.approx(flat.verify_cost(3, 1))
+    assert measured.verify_cost(3, 4) > flat.verify_cost(3, 4)
+    assert measured.verify_cost(3, 3) == pytest.approx(flat.verify_cost(3, 3))  # B=1's ratio
+    assert measured.verify_cost(3, 8) == pytest.approx(
+        DraftLengthPolicy(token_cost_ratio=0.2).verify_cost(3, 8)
+    )
+    assert measured.choose(0.5, 8) < flat.choose(0.5, 8)
+
+
 # -- the scheduler with draft tokens --------------------------------------------------------
 
 

@@ -3,11 +3,12 @@
 One process measures, on the same machine, prompts and token ids:
 
 * v(K): the time of a step whose B rows carry K + 1 tokens each (logits at every position)
-  over a step of B one-token rows, K = 1..7, B = 1, 2, 4, at --context cached tokens;
+  over a step of B one-token rows, K = 1..7, B = 1, 2, 4, 8, at --context cached tokens (the
+  draft-length policy of every row below is given the step-cost ratio fitted per batch);
 * batch 1, two real-text workloads (chat template): input-grounded (rewrite or summarize a
   pydoc passage) and free generation (questions); --max-tokens new tokens per prompt, EOS
-  ignored; rows: target-only and each draft source (ngram, suffix, self:int8, the hybrid
-  suffix+self:int8); tok/s from the first to the last generated token summed over prompts,
+  ignored; rows: target-only and each draft source (ngram, suffix, self:int8, self:int4,
+  the hybrid ngram+self:int4); tok/s from the first to the last generated token summed over prompts,
   speedup over target-only, acceptance, mean K, and the formula's prediction
   (1 - a^(K+1)) / ((1 - a)(cK + v(K))); greedy outputs are checked equal to target-only;
 * peers on the same token ids (greedy): llama.cpp on the Q4_1 GGUF, plain and with prompt
@@ -118,6 +119,13 @@ def fit_ratio(v: dict[str, dict[str, float]]) -> dict[str, float]:
         ys = np.array([x - 1 for k, x in row.items() if k != "0"])
         out[b] = float((xs @ ys) / (xs @ xs) / bb) if (xs @ xs) > 0 else 0.0
     return out
+
+
+def measured_ratios(policy: Any, vk: dict[str, Any]) -> None:
+    """Give POLICY (a DraftLengthPolicy) this run's step-cost ratios, one per measured batch."""
+    ratios = {int(b): max(r, 0.0) for b, r in vk["token_cost_ratio"].items()}
+    policy.token_cost_ratio = ratios[min(ratios)]
+    policy.ratio_by_batch = ratios
 
 
 def v_at(table: dict[str, Any], k: float, batch: int = 1) -> float:
@@ -307,7 +315,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     base = LLM(engine, speculative=False, threads=args.threads)
     log("v(K) table")
-    vk = verify_cost_table(base.executor, [1, 2, 4], 7, args.context, reps=args.vk_reps)
+    vk = verify_cost_table(base.executor, [1, 2, 4, 8], 7, args.context, reps=args.vk_reps)
     log(f"v(K, 1) = {vk['v']['1']}; r = {vk['token_cost_ratio']}")
     msgs = workloads(args.prompts)
     prompts = {w: [base.chat_prompt(m) for m in ms] for w, ms in msgs.items()}
@@ -333,7 +341,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         c = 0.0
         if llm.core.speculator is not None:
             c = llm.core.speculator.policy.draft_cost
-            llm.core.speculator.policy.token_cost_ratio = max(vk["token_cost_ratio"]["1"], 0.0)
+            measured_ratios(llm.core.speculator.policy, vk)
         for t in temps:
             for workload, ps in prompts.items():
                 outs, wall = run_ours(llm, ps, params(t))
@@ -384,7 +392,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         verify_files=False,
     )
     assert spec_llm.core.speculator is not None
-    spec_llm.core.speculator.policy.token_cost_ratio = vk["token_cost_ratio"]["1"]
+    measured_ratios(spec_llm.core.speculator.policy, vk)
     for b in [int(x) for x in args.batches.split(",")]:
         batch_prompts = (mixed * b)[:b]
         for t in temps:
