@@ -153,9 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=4.0,
         metavar="M",
-        help="after pooling, fit each layer's attention (q, k, v, o projections) to the "
-        "original model's attention output on calibration text for M minutes of CPU time in "
-        "all (layer-wise distillation); 0 = pooling only; default: 4 (see docs/benchmarks.md, "
+        help="after pooling, fit the attention (q, k, v, o projections) to the original "
+        "model on calibration text for M minutes of wall-clock time in all: each layer to the "
+        "original's attention output, then all layers together to its next-token "
+        "distribution (distillation); 0 = pooling only; default: 4 (see docs/benchmarks.md, "
         "'Lossy options', for perplexity against minutes)",
     )
     kv.add_argument(

@@ -46,7 +46,7 @@ class BuildConfig:
     # KV-head collapse (passes/collapse_kv_heads.py); None = keep the model's KV heads.
     kv_heads: int | None = None
     kv_grouping: str = "contiguous"
-    # CPU minutes to fit the collapsed attention to the original's (compiler/kv_recovery.py);
+    # minutes to fit the collapsed attention to the original model (compiler/kv_recovery.py);
     # 0 = mean pooling only. Used only with kv_heads.
     kv_recovery_minutes: float = 4.0
     calibration: Path | None = None  # calibration text (--kv-grouping similarity, KV scales)

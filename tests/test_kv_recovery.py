@@ -54,6 +54,20 @@ def test_recovery_is_never_worse_than_pooling(hf_models) -> None:  # type: ignor
     assert report.steps > 0
     assert all(r <= p for r, p in zip(report.error_recovered, report.error_pooled, strict=True))
     assert min(np.subtract(report.error_recovered, report.error_pooled)) < 0  # it fitted
+    # overall, on the original's next-token distribution: the layer fits and the end-to-end
+    # distillation each leave the KL lower than pooling alone
+    assert report.kl_recovered <= report.kl_layers
+    assert report.kl_recovered < report.kl_pooled
+    assert report.as_dict()["kl_recovered"] == round(report.kl_recovered, 4)
+
+
+def test_no_recovery_time_measures_no_kl(hf_models) -> None:  # type: ignore[no-untyped-def]
+    loaded = hf_models("tiny-llama")
+    _, report = kv_recovery.collapse_with_recovery(
+        loaded.model, loaded.tokenizer, 1, minutes=0, log=lambda _m: None
+    )
+    assert report.steps == 0
+    assert report.as_dict()["kl_pooled"] is None  # JSON-safe (no NaN in build_report.json)
 
 
 def test_engine_with_recovery_reports_it(tiny_engine) -> None:  # type: ignore[no-untyped-def]
@@ -64,6 +78,7 @@ def test_engine_with_recovery_reports_it(tiny_engine) -> None:  # type: ignore[n
     recovery = report["kv_recovery"]
     assert (recovery["kv_heads_before"], recovery["kv_heads_after"]) == (2, 1)
     assert recovery["mean_error_recovered"] <= recovery["mean_error_pooled"]
+    assert recovery["kl_recovered"] <= recovery["kl_pooled"]
     assert "quality" in report
 
 
