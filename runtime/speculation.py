@@ -24,9 +24,10 @@ from enginesmith.runtime.scheduler import SchedRequest, ScheduledChunk
 from enginesmith.runtime.spec_policy import (
     PRIOR_ACCEPTANCE,
     DraftLengthPolicy,
+    batch_width,
     update_acceptance,
 )
-from enginesmith.runtime.spec_proposer import Proposer, SpecRequest
+from enginesmith.runtime.spec_proposer import Draft, Proposer, SpecRequest
 from enginesmith.runtime.spec_verify import verify
 
 
@@ -145,6 +146,7 @@ class Speculator:
         drafts = self.proposer.propose(asks)
         elapsed = time.perf_counter() - start
         by_id = {r.request_id: r for r, _ in decoding}
+        width = self._width(decoding, asks, drafts)
         for ask in asks:
             state = self._state(ask.request_id)
             state.stats.draft_s += elapsed
@@ -153,8 +155,30 @@ class Speculator:
             if d is not None and d.tokens and ask.shadow:
                 state.shadow = d.tokens[0]
             elif d is not None and d.tokens:
-                by_id[ask.request_id].spec_token_ids = list(d.tokens[: ask.max_draft])
+                by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(ask.max_draft, width)])
                 state.probs = d.probs
+
+    def _width(
+        self,
+        decoding: Sequence[tuple[SchedRequest, Sampler]],
+        asks: Sequence[SpecRequest],
+        drafts: dict[str, Draft],
+    ) -> int:
+        """The widest verification row this step may carry (spec_policy.batch_width) over every
+        decoding request, those without drafts counted as rows of width 0."""
+        if len(decoding) == 1:
+            return max((a.max_draft for a in asks), default=0)
+        lens = {
+            a.request_id: min(len(drafts[a.request_id].tokens), a.max_draft)
+            for a in asks
+            if not a.shadow and a.request_id in drafts
+        }
+        ids = [r.request_id for r, _ in decoding]
+        return batch_width(
+            self.policy,
+            [self._state(i).acceptance for i in ids],
+            [lens.get(i, 0) for i in ids],
+        )
 
     def emit(self, chunk: ScheduledChunk, sampler: Sampler, logits: np.ndarray) -> list[int]:
         """The tokens CHUNK's request emits from its logits rows [num_spec + 1, vocab]."""

@@ -12,7 +12,7 @@ from enginesmith import LLM, SamplingParams
 from enginesmith.runtime.proposer_ngram import NgramIndex, ngram_lookup
 from enginesmith.runtime.sampling import Sampler
 from enginesmith.runtime.scheduler import KVCacheManager, SchedRequest, Scheduler
-from enginesmith.runtime.spec_policy import DraftLengthPolicy, expected_tokens
+from enginesmith.runtime.spec_policy import DraftLengthPolicy, batch_width, expected_tokens
 from enginesmith.runtime.spec_proposer import Draft, SpecRequest
 from enginesmith.runtime.spec_verify import verify
 from enginesmith.runtime.speculation import SpecStats, Speculator
@@ -205,6 +205,17 @@ def test_policy_uses_the_ratio_measured_for_the_batch() -> None:
         DraftLengthPolicy(token_cost_ratio=0.2).verify_cost(3, 8)
     )
     assert measured.choose(0.5, 8) < flat.choose(0.5, 8)
+
+
+def test_batch_width_prices_the_padding_of_the_widest_row() -> None:
+    """Rows are padded to the widest: one drafting row among idle ones costs the whole step, so
+    a lone draft at middling acceptance is dropped in a batch; drafts every row can use stay."""
+    policy = DraftLengthPolicy(max_draft_len=6, ratio_by_batch={1: 0.06, 4: 0.04})
+    assert batch_width(policy, [0.5, 0.5, 0.5, 0.5], [4, 0, 0, 0]) == 0
+    assert batch_width(policy, [0.9, 0.9, 0.9, 0.9], [4, 4, 4, 4]) >= 3
+    assert batch_width(policy, [0.9, 0.9, 0.9, 0.1], [4, 4, 4, 4]) >= 2
+    assert batch_width(policy, [0.05], [4]) == 0  # drafts never accepted: plain decode
+    assert batch_width(policy, [0.9, 0.9], [0, 0]) == 0
 
 
 # -- the scheduler with draft tokens --------------------------------------------------------
