@@ -8,7 +8,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -35,16 +35,15 @@ _COMPILER_SOURCES = (
     "passes",
     "plugins",
 )
-_FEATURE_SOURCES: dict[str, tuple[str, ...]] = {
-    "kv_heads": ("compiler/kv_recovery.py", "compiler/kv_calibration.py"),
-    "kv_cache_dtype": ("compiler/kv_cache_calibration.py",),
-    "draft": ("compiler/draft.py",),
-}
-
-
-def _uses(config: Any, feature: str) -> bool:
-    value = getattr(config, feature, None)
-    return value is not None and value != "float32"
+# (whether a BuildConfig uses the feature, the sources that then shape its files)
+_FEATURE_SOURCES: tuple[tuple[Callable[[Any], bool], tuple[str, ...]], ...] = (
+    (
+        lambda c: c.kv_heads is not None,
+        ("compiler/kv_recovery.py", "compiler/kv_calibration.py"),
+    ),
+    (lambda c: c.kv_cache_dtype != "float32", ("compiler/kv_cache_calibration.py",)),
+    (lambda c: c.draft is not None, ("compiler/draft.py",)),
+)
 
 
 def compiler_fingerprint(config: Any = None) -> str:
@@ -53,8 +52,8 @@ def compiler_fingerprint(config: Any = None) -> str:
     manifest so that cached engines (benchmarks) can tell they are stale."""
     root = Path(__file__).resolve().parent.parent
     entries = list(_COMPILER_SOURCES)
-    for feature, paths in _FEATURE_SOURCES.items():
-        if config is not None and _uses(config, feature):
+    for uses, paths in _FEATURE_SOURCES:
+        if config is not None and uses(config):
             entries.extend(paths)
     digest = hashlib.sha256()
     for entry in entries:

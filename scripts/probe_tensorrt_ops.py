@@ -104,19 +104,15 @@ def trt_ops(dtype: int, query_form: str) -> tuple[Any, dict[str, Any]]:
     packed = query_form == "packed_nhd"
     extra = ["cu"] if packed else []
     nodes = [
-        h.make_node(
-            "TRT_KVCacheUpdate",
-            ["past_key", "k", "widx", *extra],
-            ["present_key"],
-            update_form=query_form,
-            domain="trt",
-        ),
-        h.make_node(
-            "TRT_KVCacheUpdate",
-            ["past_value", "v", "widx", *extra],
-            ["present_value"],
-            update_form=query_form,
-            domain="trt",
+        *(
+            h.make_node(
+                "TRT_KVCacheUpdate",
+                [f"past_{kind}", new, "widx", *extra],
+                [f"present_{kind}"],
+                update_form=query_form,
+                domain="trt",
+            )
+            for kind, new in (("key", "k"), ("value", "v"))
         ),
         h.make_node(
             "TRT_Attention",

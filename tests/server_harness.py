@@ -8,12 +8,12 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import uvicorn
+
+from enginesmith.scripts.benchmarks.serve_load import wait_healthy
 
 
 def free_port() -> int:
@@ -41,20 +41,6 @@ class ThreadedServer:
         self.server.should_exit = True
         self.thread.join(timeout=15)
         self.sock.close()
-
-
-def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise RuntimeError(f"the server exited with {proc.returncode} before it was healthy")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s} s")
 
 
 def start_subprocess(engine_dir: Path, *args: str) -> tuple[subprocess.Popen, str]:

@@ -327,21 +327,23 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     def params(t: float) -> Any:
         return SamplingParams(max_tokens=args.max_tokens, temperature=t, seed=0, ignore_eos=True)
 
+    def speculating(source: str) -> Any:
+        """LLM over SOURCE's engine, its policy given this run's step-cost ratios."""
+        llm = LLM(
+            engine_for(source, engines),
+            draft=source,
+            max_draft_len=args.max_draft_len,
+            threads=args.threads,
+            verify_files=False,
+        )
+        assert llm.core.speculator is not None
+        measured_ratios(llm.core.speculator.policy, vk)
+        return llm
+
+    target_rate: dict[tuple[str, float], float] = {}
     for source in [None, *sources]:
-        llm = base if source is None else None
-        if llm is None:
-            llm = LLM(
-                engine_for(source, engines),
-                draft=source,
-                max_draft_len=args.max_draft_len,
-                threads=args.threads,
-                verify_files=False,
-            )
-        assert llm is not None
-        c = 0.0
-        if llm.core.speculator is not None:
-            c = llm.core.speculator.policy.draft_cost
-            measured_ratios(llm.core.speculator.policy, vk)
+        llm = base if source is None else speculating(source)
+        c = llm.core.speculator.policy.draft_cost if llm.core.speculator is not None else 0.0
         for t in temps:
             for workload, ps in prompts.items():
                 outs, wall = run_ours(llm, ps, params(t))
@@ -358,15 +360,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 }
                 if source is None:
                     reference[(workload, t)] = ids
+                    target_rate[(workload, t)] = rate
                 else:
-                    base_row = next(
-                        r
-                        for r in rows
-                        if r["source"] == "target-only"
-                        and r["workload"] == workload
-                        and r["temperature"] == t
-                    )
-                    row["speedup"] = rate / base_row["tokens_per_s"]
+                    row["speedup"] = rate / target_rate[(workload, t)]
                     a, k = spec["acceptance_rate"], spec["mean_draft_len"]
                     row["predicted"] = predicted_speedup(a, k, c, v_at(vk, k))
                     if t == 0.0:
@@ -384,15 +380,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     best = _best_source(rows)
     batch_rows = []
     mixed = [p for pair in zip(prompts["grounded"], prompts["free"], strict=True) for p in pair]
-    spec_llm = LLM(
-        engine_for(best, engines),
-        draft=best,
-        max_draft_len=args.max_draft_len,
-        threads=args.threads,
-        verify_files=False,
-    )
-    assert spec_llm.core.speculator is not None
-    measured_ratios(spec_llm.core.speculator.policy, vk)
+    spec_llm = speculating(best)
     for b in [int(x) for x in args.batches.split(",")]:
         batch_prompts = (mixed * b)[:b]
         for t in temps:

@@ -53,6 +53,22 @@ def log(msg: str) -> None:
 # -- the server ---------------------------------------------------------------------------------
 
 
+def wait_healthy(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll URL/health until it answers 200; RuntimeError if PROC exits first, TimeoutError
+    after TIMEOUT_S (the tests' server harness uses it too)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"the server exited with {proc.returncode} before it was healthy")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise TimeoutError(f"{url}/health did not answer 200 within {timeout_s} s")
+
+
 class Server:
     """`enginesmith serve ENGINE_DIR` in a subprocess on a free loopback port."""
 
@@ -67,18 +83,10 @@ class Server:
         cmd += ["--max-queue", str(max_queue)]
         self.command = " ".join(["enginesmith", *cmd[3:]])
         self.proc = subprocess.Popen(cmd, env=env)
-        deadline = time.monotonic() + 300
-        while True:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"the server exited with {self.proc.returncode}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise SystemExit("the server did not become healthy in 300 s")
-            time.sleep(0.2)
+        try:
+            wait_healthy(self.url, 300, self.proc)
+        except (RuntimeError, TimeoutError) as exc:
+            raise SystemExit(str(exc)) from exc
 
     def rss_mib(self) -> float:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
