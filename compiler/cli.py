@@ -21,6 +21,7 @@ from enginesmith.compiler.config import (
     BuildConfig,
 )
 from enginesmith.runtime.errors import EnginesmithError
+from enginesmith.runtime.spec_policy import DEFAULT_MAX_DRAFT_LEN
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -191,10 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     spec.add_argument(
         "--max-draft-len",
         type=int,
-        default=4,
+        default=DEFAULT_MAX_DRAFT_LEN,
         metavar="K",
         help="most draft tokens per request per step; the runtime picks K <= this from measured "
-        "acceptance and batch size (default: 4)",
+        f"acceptance and batch size (default: {DEFAULT_MAX_DRAFT_LEN})",
     )
     parser.add_argument(
         "--max-num-tokens",

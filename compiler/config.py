@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from enginesmith.runtime.errors import BuildError
+from enginesmith.runtime.spec_policy import DEFAULT_MAX_DRAFT_LEN
 
 # onnxruntime: CPU, fp32. onnxruntime-gpu: ONNX Runtime's CUDA provider, fp16/bf16.
 # tensorrt: a TensorRT plan (model.plan) built from the same fp16/bf16 graph.
@@ -62,7 +63,7 @@ class BuildConfig:
     # Speculative decoding (docs/speculative.md): ngram | suffix | self:int8 | self:int4 | a
     # model sharing the tokenizer | hybrids "suffix+self:int8"; model drafts go to ENGINE_DIR/draft.
     draft: str | None = None
-    max_draft_len: int = 4
+    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
 
     def __post_init__(self) -> None:
         self._check_gpu_options()

@@ -5,24 +5,25 @@ Which published conversion this follows:
 - GQA (arXiv 2305.13245) mean-pools the K/V heads of a group, then *uptrains* the whole model on
   ~5% of its pre-training data. Pooling is done here the same way (and with the same groups as
   passes/collapse_kv_heads.py: contiguous, or AsymGQA's similarity grouping, arXiv 2406.14963).
-- Uptraining is out of reach of a CPU build; the recovery is a short distillation in two stages,
-  both on the calibration text (2048 tokens, 512-token segments):
-  1. Layer by layer (LAYERWISE_SHARE of the budget): each layer's attention block (q, k, v, o
+- Uptraining is out of reach of a CPU build; the recovery is a short distillation in two stages
+  on the calibration text (512-token segments):
+  1. Layer by layer, on the first 2048 tokens (LAYERWISE_SHARE of the budget): each layer's attention block (q, k, v, o
      projections) is fitted by Adam so that, on the original model's inputs to that layer, its
      output matches the original attention output: min ||attn_collapsed(x) - attn_original(x)||^2.
      Cheap steps (one attention block), a good start; but each layer is fitted on the teacher's
      inputs, so the errors of all layers still add up.
   2. End to end (the rest): min KL(original || collapsed) over the next-token distribution, the
      attention projections of all layers trained together (gradient through the whole model),
-     so later layers compensate what earlier ones still get wrong. On SmolLM2-135M --kv-heads 1
-     this stage took the calibration KL from 0.55 to 0.14 in 35 steps (2 minutes).
-  Measured there (held-out perplexity on 1024 tokens, fp32 15.5, pooling alone 15884; one torch
-  thread on a shared 2-core machine, scripts/bench-lossy's data): layer-wise fit alone (budget
-  not counting capture) 91.2 after 1 min, 42.0 after 4 min; both stages (capture counted) 105
-  after 1 min, 36.3 after 4 min, 34.1 after 8 min. At 8 min the calibration KL is 0.05 while the
-  held-out perplexity is still 2.2x fp32's: the 2048 calibration tokens are overfitted, so more
-  calibration text, not more minutes, is the next lever (8192 tokens: 34.7 after 4 min, but the
-  original's log-probabilities kept for the KL then take 1.6 GB, 8192 x vocabulary x 4 bytes).
+     so later layers compensate what earlier ones still get wrong. Each step reads a fresh
+     segment of the text after those 2048 tokens, its teacher computed then.
+  Measured on SmolLM2-135M --kv-heads 1 (held-out perplexity on 1024 tokens, fp32 15.5, pooling
+  alone 15884; 2 torch threads, 2-core machine): both stages, 4 min, ~24k tokens streamed: 29.8
+  and 31.7 in two runs (1.92-2.04x fp32); 6 min: 40.7, although the check segment's KL kept
+  falling (0.27 -> 0.21): held-out perplexity is not monotone in the budget. Variants at 4 min:
+  end-to-end learning rate 1e-4: 31.6, 5e-4: 45.2, decaying linearly from 3e-4: 30.8; layer-wise
+  share 0.3: 34.2; every decoder weight trained end to end: 46.3. Cycling the 2048 captured
+  tokens instead (teacher log-probabilities stored) overfitted them: calibration KL 0.05 but 36.3
+  after 4 min, 34.1 after 8. Layer-wise fit alone: 42.0 after 4 min.
 - Also tried: fitting layers in sequence on the *collapsed* model's own inputs (so later layers
   correct earlier drift). With the original's residual stream as the target, the target is
   dominated by the drift (100x the attention output from layer 12 on, nothing an attention block
@@ -59,18 +60,23 @@ from enginesmith.passes.collapse_kv_heads import (
 )
 from enginesmith.runtime.errors import BuildError
 
-CALIBRATION_TOKENS = 2048
+CALIBRATION_TOKENS = 2048  # layer-wise stage and the KL check: captured once
 SEGMENT_TOKENS = 512
+# End-to-end stage: each step a fresh 512-token segment of calibration text, its teacher
+# log-probabilities computed then (a forward pass, no gradient). Cycling the 2048 captured tokens
+# overfitted them (calibration KL 0.05, held-out perplexity 34.1 after 8 min); the default text
+# holds ~100k tokens, more than a budget of minutes consumes.
+STREAM_TOKENS = 131072
 # Layer-wise stage: Adam on the four projections of one layer. Measured on SmolLM2 --kv-heads 1
 # with that stage alone (docs/benchmarks.md, "Lossy options"): held-out perplexity 1999 after
 # 4 min at 1e-4, 54.7 after 4 min at 1e-3 (pooling alone: 15884, fp32: 15.5).
 LEARNING_RATE = 1e-3
 # Share of the budget left after capture for the layer-wise stage; the rest is end to end. At 0.5
-# and 4 min the end-to-end stage made 35 steps and took the calibration KL from 0.55 to 0.14.
+# and 4 min the end-to-end stage made ~48 steps and took the check segment's KL 0.32 -> 0.27.
 LAYERWISE_SHARE = 0.5
-E2E_LEARNING_RATE = 2e-4  # Adam on all attention projections together, next-token KL
-# --kv-recovery-minutes default: 36.3 held-out perplexity at 4 min, 34.1 at 8 min (fp32 15.5):
-# doubling the build time buys 6%, so 4 stays the default.
+# Adam on all attention projections together, next-token KL (1e-4: 31.6, 5e-4: 45.2 at 4 min)
+E2E_LEARNING_RATE = 2e-4
+# --kv-recovery-minutes default: 29.8-31.7 held-out perplexity at 4 min on SmolLM2 (fp32 15.5).
 DEFAULT_MINUTES = 4.0
 
 Log = Callable[[str], None]
@@ -85,6 +91,7 @@ class RecoveryReport:
     seconds: float = 0.0
     steps: int = 0
     tokens: int = 0
+    stream_tokens: int = 0  # calibration tokens the end-to-end stage went through
     # per layer: relative error ||attn' - attn|| / ||attn|| on calibration tokens
     error_pooled: list[float] = field(default_factory=list)
     error_recovered: list[float] = field(default_factory=list)
@@ -103,6 +110,7 @@ class RecoveryReport:
             "seconds": round(self.seconds, 1),
             "steps": self.steps,
             "calibration_tokens": self.tokens,
+            "end_to_end_tokens": self.stream_tokens,
             "mean_error_pooled": round(float(np.mean(self.error_pooled)), 4),
             "mean_error_recovered": round(float(np.mean(self.error_recovered)), 4),
             "kl_pooled": _rounded(self.kl_pooled),
@@ -294,34 +302,38 @@ def _fit_layers(
 
 
 def _distill(
+    original: Any,
     collapsed: Any,
-    segments: list[Any],
-    teacher: list[Any],
+    stream: list[Any],
+    check: list[Any],
+    check_teacher: list[Any],
     deadline: float,
     report: RecoveryReport,
     log: Log,
 ) -> None:
-    """End to end: minimise KL(original || collapsed) on the calibration segments, training the
-    attention projections of every layer, until DEADLINE; reset if the KL did not go down."""
+    """End to end: minimise KL(original || collapsed) on STREAM's segments in turn (each one's
+    teacher computed when it comes up), training the attention projections of every layer,
+    until DEADLINE; reset if the KL on CHECK did not go down."""
     import torch
 
     params = [p for m in kv_calibration.attention_modules(collapsed) for p in m.parameters()]
     start = time.perf_counter()
-    check = segments[:1]  # the KL is checked on one segment: a forward pass before and after
-    before = report.kl_layers = _mean_kl(collapsed, check, teacher[:1])
+    before = report.kl_layers = _mean_kl(collapsed, check, check_teacher)
     forward = time.perf_counter() - start
-    if time.perf_counter() + 4 * forward >= deadline:  # one step costs about three forwards
+    if time.perf_counter() + 5 * forward >= deadline:  # one step costs about four forwards
         return
     saved = [p.detach().clone() for p in params]
     optimizer = torch.optim.Adam(params, lr=E2E_LEARNING_RATE)
     for p in params:
         p.requires_grad_(True)
     step = 0
-    step_seconds = 3 * forward
+    step_seconds = 4 * forward
     while time.perf_counter() + step_seconds + forward < deadline:
         t0 = time.perf_counter()
-        j = step % len(segments)
-        loss = _kl(collapsed(input_ids=segments[j], use_cache=False).logits[0], teacher[j])
+        segment = stream[step % len(stream)]
+        with torch.no_grad():
+            teacher = torch.log_softmax(original(input_ids=segment, use_cache=False).logits[0], -1)
+        loss = _kl(collapsed(input_ids=segment, use_cache=False).logits[0], teacher)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -330,7 +342,8 @@ def _distill(
     for p in params:
         p.requires_grad_(False)
     report.steps += step
-    after = _mean_kl(collapsed, check, teacher[:1])
+    report.stream_tokens = step * SEGMENT_TOKENS
+    after = _mean_kl(collapsed, check, check_teacher)
     if after > before:
         with torch.no_grad():
             for p, old in zip(params, saved, strict=True):
@@ -343,6 +356,12 @@ def _distill(
     )
 
 
+def _segments(ids: list[int]) -> list[Any]:
+    import torch
+
+    return [torch.tensor([ids[s : s + SEGMENT_TOKENS]]) for s in range(0, len(ids), SEGMENT_TOKENS)]
+
+
 def recover(
     original: Any,
     collapsed: Any,
@@ -352,16 +371,16 @@ def recover(
     log: Log,
     learning_rate: float | None = None,
     deadline: float | None = None,
+    stream_ids: list[int] | None = None,
 ) -> None:
     """Fit the collapsed model to the original (in place): each layer's attention block on its
-    own, then the whole model end to end; all of it by DEADLINE (default: MINUTES from now)."""
+    own (on IDS), then the whole model end to end (on STREAM_IDS, default IDS); all of it by
+    DEADLINE (default: MINUTES from now)."""
     import torch
 
     start = time.perf_counter()
     deadline = deadline if deadline is not None else start + minutes * 60.0
-    segments = [
-        torch.tensor([ids[s : s + SEGMENT_TOKENS]]) for s in range(0, len(ids), SEGMENT_TOKENS)
-    ]
+    segments = _segments(ids)
     records, teacher = _capture(original, segments)
     modules = kv_calibration.attention_modules(collapsed)
     params = [p for m in modules for p in m.parameters()]
@@ -382,7 +401,10 @@ def recover(
     del records
     if minutes <= 0:
         return
-    _distill(collapsed, segments, teacher, deadline, report, log)
+    stream = _segments(stream_ids) if stream_ids else segments
+    # whole segments only: a short tail would weigh as much as a full one in a step
+    stream = [s for s in stream if s.shape[1] == SEGMENT_TOKENS] or segments
+    _distill(original, collapsed, stream, check, teacher[:1], deadline, report, log)
     if np.isnan(report.kl_recovered):  # no time was left for the distillation
         report.kl_recovered = report.kl_layers = _mean_kl(collapsed, check, teacher[:1])
     if report.kl_recovered > report.kl_pooled:  # never worse than pooling, overall
@@ -412,7 +434,8 @@ def collapse_with_recovery(
     start = time.perf_counter()
     kv_heads = model.config.num_key_value_heads or model.config.num_attention_heads
     text, source = kv_calibration.calibration_source(calibration)
-    ids = tokenizer(text).input_ids[:CALIBRATION_TOKENS]
+    all_ids = tokenizer(text).input_ids[: CALIBRATION_TOKENS + STREAM_TOKENS]
+    ids = all_ids[:CALIBRATION_TOKENS]
     if len(ids) < 16:
         raise BuildError(
             f"calibration text {source} has only {len(ids)} tokens; pass a longer --calibration"
@@ -423,6 +446,17 @@ def collapse_with_recovery(
         p.requires_grad_(False)
     report = RecoveryReport(kv_heads, target, grouping, minutes, tokens=len(ids))
     with torch.enable_grad():
-        recover(model, collapsed, ids, minutes, report, log, learning_rate, start + minutes * 60.0)
+        recover(
+            model,
+            collapsed,
+            ids,
+            minutes,
+            report,
+            log,
+            learning_rate,
+            start + minutes * 60.0,
+            # the end-to-end stage reads past the captured tokens (their KL is the check)
+            all_ids[CALIBRATION_TOKENS:],
+        )
     report.seconds = time.perf_counter() - start
     return collapsed, report

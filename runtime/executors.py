@@ -16,14 +16,23 @@ def open_executor(
     manifest: dict[str, Any],
     threads: int | None = None,
     spin_wait: bool = True,
+    spin_only_in_run: bool = False,
 ) -> Executor:
     """The executor for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT. Each is
-    imported only when chosen (the GPU ones need libraries a CPU machine lacks)."""
+    imported only when chosen (the GPU ones need libraries a CPU machine lacks). SPIN_WAIT and
+    SPIN_ONLY_IN_RUN (workers stop spinning when a run returns: sessions that take turns) concern
+    ONNX Runtime on CPU only."""
     backend = manifest.get("backend")
     if backend == "onnxruntime":
         from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
-        return OrtCpuExecutor(engine_dir, manifest, threads=threads, spin_wait=spin_wait)
+        return OrtCpuExecutor(
+            engine_dir,
+            manifest,
+            threads=threads,
+            spin_wait=spin_wait,
+            spin_only_in_run=spin_only_in_run,
+        )
     if backend == "onnxruntime-gpu":
         from enginesmith.runtime.ort_cuda_executor import OrtCudaExecutor
 

@@ -112,15 +112,20 @@ class LLM:
         source = draft or self.manifest.get("speculative", {}).get("draft")
         if not speculative:
             source = None
+        spin_only_in_run = False
         if source:
             from enginesmith.runtime.proposers import uses_model_draft
 
-            # Two ONNX Runtime sessions take turns on the same cores: a session's workers
-            # spinning after its step would slow the other's step down.
-            spin_wait = spin_wait and not uses_model_draft(source)
+            # Two ONNX Runtime sessions take turns on the same cores: each one's workers stop
+            # spinning when its run returns, or they would slow the other's run down.
+            spin_only_in_run = spin_wait and uses_model_draft(source)
         # ONNX Runtime on CPU or CUDA, or TensorRT: one Executor interface.
         self.executor: Executor = open_executor(
-            self.engine_dir, self.manifest, threads=threads, spin_wait=spin_wait
+            self.engine_dir,
+            self.manifest,
+            threads=threads,
+            spin_wait=spin_wait,
+            spin_only_in_run=spin_only_in_run,
         )
         self.executor.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
@@ -143,6 +148,7 @@ class LLM:
                 verify_files,
                 target=self.executor,
                 spin_wait=spin_wait,
+                spin_only_in_run=spin_only_in_run,
             )
         self.core = EngineCore(
             self.executor,

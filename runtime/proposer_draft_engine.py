@@ -45,12 +45,19 @@ class DraftEngineProposer:
         threads: int | None = None,
         verify_files: bool = True,
         spin_wait: bool = True,
+        spin_only_in_run: bool = False,
     ) -> DraftEngineProposer:
         from enginesmith.runtime.executors import open_executor
 
         manifest = read_manifest(draft_dir, verify_hashes=verify_files)
         check_compatible(draft_dir, manifest, target_manifest)
-        executor = open_executor(draft_dir, manifest, threads=threads, spin_wait=spin_wait)
+        executor = open_executor(
+            draft_dir,
+            manifest,
+            threads=threads,
+            spin_wait=spin_wait,
+            spin_only_in_run=spin_only_in_run,
+        )
         executor.warmup()
         return cls(executor)
 
@@ -95,7 +102,9 @@ class DraftEngineProposer:
             r = by_id[rid]
             # The draft slot now holds the known tokens and every draft but the last.
             self._cached[rid] = (r.slot, r.token_ids + draft[:-1])
-            drafts[rid] = Draft(draft, np.stack(probs[rid]) if probs[rid] else None)
+            drafts[rid] = Draft(
+                draft, np.stack(probs[rid]) if probs[rid] else None, from_model=True
+            )
         return drafts
 
     def _step(

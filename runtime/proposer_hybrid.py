@@ -1,6 +1,8 @@
-"""Hybrid drafts: model-free sources first (free), a model draft only for the requests they
-found nothing for. The model draft's cache catches up on skipped tokens by itself (it keeps
-the common prefix and feeds the rest in its next call)."""
+"""Hybrid drafts: model-free sources first (free), a model draft for the requests they found
+nothing for, and for those the speculator sends straight to the model (`model_first`: its
+measured acceptance promises more tokens per cost than the free part's). The model draft's cache
+catches up on skipped tokens by itself (it keeps the common prefix and feeds the rest in its
+next call)."""
 
 from __future__ import annotations
 
@@ -29,12 +31,15 @@ class HybridProposer:
                     else r
                     for r in left
                 ]
-                left = [r for r in left if r.max_draft > 0 and not r.shadow]
+                asked = [r for r in left if r.max_draft > 0 and not r.shadow]
+            else:
+                asked = [r for r in left if not r.model_first]
+            if asked:
+                found = part.propose(asked)
+                drafts.update({k: d for k, d in found.items() if d.tokens})
+            left = [r for r in left if r.request_id not in drafts]
             if not left:
                 break
-            found = part.propose(left)
-            drafts.update({k: d for k, d in found.items() if d.tokens})
-            left = [r for r in left if r.request_id not in drafts]
         return drafts
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:

@@ -7,11 +7,9 @@ from typing import Any
 
 from enginesmith.runtime.errors import InvalidRequestError
 from enginesmith.runtime.executor import Executor
-from enginesmith.runtime.spec_policy import DraftLengthPolicy
+from enginesmith.runtime.spec_policy import DEFAULT_MAX_DRAFT_LEN, DraftLengthPolicy
 from enginesmith.runtime.spec_proposer import MODEL_FREE_SOURCES, Proposer, parse_draft_source
 from enginesmith.runtime.speculation import Speculator
-
-DEFAULT_MAX_DRAFT_LEN = 4
 
 
 def make_speculator(
@@ -23,6 +21,7 @@ def make_speculator(
     verify_files: bool = True,
     target: Executor | None = None,
     spin_wait: bool = True,
+    spin_only_in_run: bool = False,
 ) -> Speculator:
     """A Speculator for SOURCE ('ngram', 'suffix', 'self:int8', 'draft', a model engine path,
     or a hybrid 'suffix+self:int8' that asks the model only when the first finds nothing)."""
@@ -30,7 +29,7 @@ def make_speculator(
     if k < 1:
         raise InvalidRequestError(f"max_draft_len must be >= 1 (got {k})")
     parts = [
-        _one(p, engine_dir, manifest, k, threads, verify_files, spin_wait)
+        _one(p, engine_dir, manifest, k, threads, verify_files, spin_wait, spin_only_in_run)
         for p in parse_draft_source(source)
     ]
     proposer: Proposer
@@ -56,6 +55,7 @@ def _one(
     threads: int | None,
     verify: bool,
     spin_wait: bool,
+    spin_only_in_run: bool,
 ) -> Proposer:
     if part == "ngram":
         from enginesmith.runtime.proposer_ngram import NgramProposer
@@ -69,7 +69,12 @@ def _one(
 
     draft_dir = _draft_dir(part, engine_dir, manifest)
     return DraftEngineProposer.open(
-        draft_dir, manifest, threads=threads, verify_files=verify, spin_wait=spin_wait
+        draft_dir,
+        manifest,
+        threads=threads,
+        verify_files=verify,
+        spin_wait=spin_wait,
+        spin_only_in_run=spin_only_in_run,
     )
 
 

@@ -16,6 +16,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+# The K cap when neither the build nor the caller gives one. The policy picks K <= cap per
+# round, so a high cap costs nothing where acceptance is low: scripts/bench-spec at batch 1 with
+# caps 6 and 10 measured ngram grounded 2.14x -> 2.24x, suffix 2.05x -> 2.26x, self:int4 free
+# 1.61x -> 1.71x.
+DEFAULT_MAX_DRAFT_LEN = 10
 # Fitted to the measured v(K) of the SmolLM2 fp32 engine on ONNX Runtime CPU (docs/benchmarks.md).
 DEFAULT_TOKEN_COST_RATIO = 0.06
 # Acceptance assumed before a request has drafted anything.
@@ -28,6 +33,16 @@ SINGLE_MARGIN = 1.02
 BATCH_MARGIN = 1.10
 # Weight of a round's acceptance in the running estimate.
 ACCEPTANCE_EMA = 0.3
+# Hybrids: while a request's drafts go straight to the model part, its estimate for the
+# model-free part moves this share of the way back to the prior each round, so that the free
+# part is tried again now and then (on text that starts repeating its input).
+FREE_RETRY_DRIFT = 0.05
+# Hybrids: the model part goes first only when the formula promises this much more than the free
+# part. scripts/bench-spec (batch 1): model drafts came out at 0.78-0.95 of their predicted
+# speedup (each draft step a call of its own, catching up on tokens the free part drafted),
+# n-gram drafts at 1.0-1.18 of theirs (their hits are long runs, not independent tokens); at
+# parity the hybrid took the model on grounded prompts: 1.49x there against ngram's 2.14x.
+HYBRID_MODEL_MARGIN = 1.25
 
 
 def expected_tokens(acceptance: float, k: int) -> float:
@@ -38,7 +53,7 @@ def expected_tokens(acceptance: float, k: int) -> float:
 
 @dataclass
 class DraftLengthPolicy:
-    max_draft_len: int = 4
+    max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
     draft_cost: float = 0.0  # c: a draft step / a target step (0: model-free)
     token_cost_ratio: float = DEFAULT_TOKEN_COST_RATIO  # r in v(K, B)
     # r measured per batch size (scripts/bench-spec fits one per B): a batch uses the entry of
@@ -57,13 +72,17 @@ class DraftLengthPolicy:
         r = self.ratio(batch)
         return (1 + r * batch * (k + 1)) / (1 + r * batch)
 
+    def rate(self, acceptance: float, k: int, batch: int) -> float:
+        """Tokens per target-step of cost with K drafts (K = 0: plain decode, 1)."""
+        if k <= 0:
+            return 1.0
+        return expected_tokens(acceptance, k) / (self.draft_cost * k + self.verify_cost(k, batch))
+
     def choose(self, acceptance: float, batch: int) -> int:
         """K for one request at this ACCEPTANCE estimate when BATCH requests decode."""
         best_k, best = 0, 1.0
         for k in range(1, self.max_draft_len + 1):
-            rate = expected_tokens(acceptance, k) / (
-                self.draft_cost * k + self.verify_cost(k, batch)
-            )
+            rate = self.rate(acceptance, k, batch)
             if rate > best * SINGLE_MARGIN:
                 best_k, best = k, rate
         # in a batch, drafting must beat plain decode (1 token per step) by the wider margin

@@ -33,12 +33,14 @@ class SpecRequest:
     sampler: Sampler  # the request's own (model drafts sample q with its params and rng)
     shadow: bool = False  # only probing acceptance: the draft is not verified
     max_model_draft: int | None = None  # hybrids: the model part's own cap (None: max_draft)
+    model_first: bool = False  # hybrids: straight to the model part (it expects more per cost)
 
 
 @dataclass
 class Draft:
     tokens: list[int]  # [K]
     probs: np.ndarray | None = None  # [K, vocab] q for model drafts; None = a point mass
+    from_model: bool = False  # made by a model draft (hybrids keep one acceptance per kind)
 
 
 class Proposer(Protocol):

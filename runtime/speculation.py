@@ -22,6 +22,8 @@ import numpy as np
 from enginesmith.runtime.sampling import Sampler
 from enginesmith.runtime.scheduler import SchedRequest, ScheduledChunk
 from enginesmith.runtime.spec_policy import (
+    FREE_RETRY_DRIFT,
+    HYBRID_MODEL_MARGIN,
     PRIOR_ACCEPTANCE,
     DraftLengthPolicy,
     batch_width,
@@ -68,9 +70,11 @@ class SpecStats:
 
 @dataclass
 class _State:
-    acceptance: float
+    acceptance: float  # of the source (hybrids: of the model-free part)
+    acceptance_model: float = PRIOR_ACCEPTANCE[True]  # hybrids: of the model part
     probs: np.ndarray | None = None  # q of the drafts riding in the current step
     shadow: int | None = None  # a free draft's first token, proposed but not sent (K = 0)
+    from_model: bool = False  # the riding drafts came from a hybrid's model part
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -90,13 +94,17 @@ class Speculator:
     def free_policy(self) -> DraftLengthPolicy:
         return dataclasses.replace(self.policy, draft_cost=0.0) if self.hybrid else self.policy
 
+    def _new_state(self) -> _State:
+        # a hybrid's own acceptance is its model-free part's
+        return _State(PRIOR_ACCEPTANCE[self.proposer.is_model and not self.hybrid])
+
     def track(self, request_id: str, stats: SpecStats) -> None:
         """Count REQUEST_ID's speculation into STATS (the request's own, live while it runs)."""
-        self._states[request_id] = _State(PRIOR_ACCEPTANCE[self.proposer.is_model], stats=stats)
+        self._states[request_id] = dataclasses.replace(self._new_state(), stats=stats)
 
     def _state(self, request_id: str) -> _State:
         if request_id not in self._states:
-            self._states[request_id] = _State(PRIOR_ACCEPTANCE[self.proposer.is_model])
+            self._states[request_id] = self._new_state()
         return self._states[request_id]
 
     def draft(self, running: Sequence[tuple[SchedRequest, Sampler]]) -> None:
@@ -114,16 +122,23 @@ class Speculator:
         shadow = not self.proposer.is_model
         for r, sampler in decoding:
             state = self._state(r.request_id)
-            state.probs, state.shadow = None, None
+            state.probs, state.shadow, state.from_model = None, None, False
             room = min(
                 sampler.params.max_tokens - len(r.output_token_ids) - 1,  # +1: the target's token
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
             k = k_model = min(self.policy.choose(state.acceptance, batch), room)
-            if self.hybrid:  # its free part may draft more than its model part is worth
-                k_free = min(self.free_policy.choose(state.acceptance, batch), room)
-                if k_free > k:
-                    k, k_model = k_free, k
+            model_first = False
+            if self.hybrid:  # each part its own K from its own acceptance
+                k = min(self.free_policy.choose(state.acceptance, batch), room)
+                k_model = min(self.policy.choose(state.acceptance_model, batch), room)
+                model_first = self.policy.rate(
+                    state.acceptance_model, k_model, batch
+                ) > HYBRID_MODEL_MARGIN * self.free_policy.rate(state.acceptance, k, batch)
+                if model_first:
+                    k = k_model
+                    prior = PRIOR_ACCEPTANCE[False]
+                    state.acceptance += FREE_RETRY_DRIFT * (prior - state.acceptance)
             if k == 0 and shadow and room > 0:
                 k = -1  # ask for one token, keep it out of the step
             if k != 0:
@@ -138,6 +153,7 @@ class Speculator:
                         sampler,
                         shadow=k < 0,
                         max_model_draft=k_model,
+                        model_first=model_first,
                     )
                 )
         if not asks:
@@ -155,8 +171,8 @@ class Speculator:
             if d is not None and d.tokens and ask.shadow:
                 state.shadow = d.tokens[0]
             elif d is not None and d.tokens:
-                by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(ask.max_draft, width)])
-                state.probs = d.probs
+                by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(_cap(ask, d), width)])
+                state.probs, state.from_model = d.probs, d.from_model and self.hybrid
 
     def _width(
         self,
@@ -167,16 +183,20 @@ class Speculator:
         """The widest verification row this step may carry (spec_policy.batch_width) over every
         decoding request, those without drafts counted as rows of width 0."""
         if len(decoding) == 1:
-            return max((a.max_draft for a in asks), default=0)
+            return max((max(a.max_draft, a.max_model_draft or 0) for a in asks), default=0)
         lens = {
-            a.request_id: min(len(drafts[a.request_id].tokens), a.max_draft)
+            a.request_id: min(len(drafts[a.request_id].tokens), _cap(a, drafts[a.request_id]))
             for a in asks
             if not a.shadow and a.request_id in drafts
         }
         ids = [r.request_id for r, _ in decoding]
+        model_ids = {i for i in lens if drafts[i].from_model and self.hybrid}
         return batch_width(
             self.policy,
-            [self._state(i).acceptance for i in ids],
+            [
+                self._state(i).acceptance_model if i in model_ids else self._state(i).acceptance
+                for i in ids
+            ],
             [lens.get(i, 0) for i in ids],
         )
 
@@ -194,12 +214,15 @@ class Speculator:
             probs = None if state.probs is None else state.probs[:k]
             tokens = verify(chunk.spec_token_ids, probs, logits[-(k + 1) :], sampler)
             accepted = len(tokens) - 1
-            state.acceptance = update_acceptance(state.acceptance, k, accepted)
+            if state.from_model:
+                state.acceptance_model = update_acceptance(state.acceptance_model, k, accepted)
+            else:
+                state.acceptance = update_acceptance(state.acceptance, k, accepted)
             for s in (state.stats, self.totals):
                 s.draft_tokens += k
                 s.accepted_tokens += accepted
                 s.rounds += 1
-        state.probs, state.shadow = None, None
+        state.probs, state.shadow, state.from_model = None, None, False
         for s in (state.stats, self.totals):
             s.target_calls += 1
             s.emitted_tokens += len(tokens)
@@ -211,3 +234,10 @@ class Speculator:
         self.proposer.finish(
             request.request_id, request.all_token_ids, len(request.prompt_token_ids)
         )
+
+
+def _cap(ask: SpecRequest, draft: Draft) -> int:
+    """The most of DRAFT's tokens ASK allows (a hybrid's model part has a cap of its own)."""
+    if draft.from_model and ask.max_model_draft is not None:
+        return ask.max_model_draft
+    return ask.max_draft

@@ -49,3 +49,44 @@ def test_best_source_is_the_highest_mean_greedy_speedup() -> None:
         {"source": "suffix", "temperature": 0.8, "speedup": 9.0},  # sampled rows do not rank
     ]
     assert bench_spec._best_source(rows) == "self:int4"
+
+
+def test_closed_loop_keeps_the_batch_full_until_the_requests_run_out() -> None:
+    """B requests at a time; a finished one's place goes to the next before the next step."""
+
+    class Request:
+        def __init__(self, prompt: str) -> None:
+            self.prompt, self.left, self.finish_reason = prompt, len(prompt), None
+
+        def output(self) -> str:
+            return self.prompt
+
+    class Core:
+        def __init__(self) -> None:
+            self.running: list[Request] = []
+            self.widths: list[int] = []
+
+        def add(self, request: Request) -> None:
+            self.running.append(request)
+
+        def step(self) -> None:
+            self.widths.append(len(self.running))
+            for r in self.running:
+                r.left -= 1
+                if r.left == 0:
+                    r.finish_reason = "length"
+            self.running = [r for r in self.running if r.finish_reason is None]
+
+    class FakeLLM:
+        core = Core()
+
+        def new_request(self, prompt: str, params: object) -> Request:
+            return Request(prompt)
+
+    llm = FakeLLM()
+    outs, wall = bench_spec.run_closed_loop(llm, ["a", "bbb", "cc"], None, 2, 7)
+    assert outs == ["a", "bbb", "cc", "a", "bbb", "cc", "a"] and wall >= 0
+    # full (2 rows) until the last request is running, then it drains
+    widths = llm.core.widths
+    assert max(widths) == 2 and widths[: widths.index(1)] == [2] * widths.index(1)
+    assert sum(widths) == sum(len(p) for p in outs)

@@ -12,7 +12,12 @@ from enginesmith import LLM, SamplingParams
 from enginesmith.runtime.proposer_ngram import NgramIndex, ngram_lookup
 from enginesmith.runtime.sampling import Sampler
 from enginesmith.runtime.scheduler import KVCacheManager, SchedRequest, Scheduler
-from enginesmith.runtime.spec_policy import DraftLengthPolicy, batch_width, expected_tokens
+from enginesmith.runtime.spec_policy import (
+    PRIOR_ACCEPTANCE,
+    DraftLengthPolicy,
+    batch_width,
+    expected_tokens,
+)
 from enginesmith.runtime.spec_proposer import Draft, SpecRequest
 from enginesmith.runtime.spec_verify import verify
 from enginesmith.runtime.speculation import SpecStats, Speculator
@@ -415,6 +420,24 @@ def test_model_drafts_keep_greedy_output(engine_with_draft, draft) -> None:  # t
     assert llm.spec_stats is not None and llm.spec_stats.accepted_tokens > 0
 
 
+def test_sessions_taking_turns_stop_spinning_after_each_run(engine_with_draft) -> None:  # type: ignore[no-untyped-def]
+    """A model draft and its target alternate: each session's workers must stop spinning when
+    its run returns (spinning on would slow the other; off wakes workers per kernel)."""
+
+    def stops(executor) -> str | None:  # type: ignore[no-untyped-def]
+        options = executor.session.get_session_options()
+        try:
+            return str(options.get_session_config_entry("session.force_spinning_stop"))
+        except RuntimeError:  # unset: ONNX Runtime's default (workers spin on after a run)
+            return None
+
+    llm = LLM(engine_with_draft, draft="self:int8")
+    assert llm.core.speculator is not None
+    draft_executor = llm.core.speculator.proposer.executor  # type: ignore[attr-defined]
+    assert stops(llm.executor) == "1" and stops(draft_executor) == "1"
+    assert stops(LLM(engine_with_draft, draft="ngram").executor) is None  # one session
+
+
 def test_model_draft_sampling_is_seeded(engine_with_draft) -> None:  # type: ignore[no-untyped-def]
     params = SamplingParams(max_tokens=20, temperature=0.8, seed=5, ignore_eos=True)
     runs = [
@@ -552,7 +575,10 @@ class FixedProposer:
         self.asked += [r.max_draft for r in requests]
         if self.token is None:
             return {}
-        return {r.request_id: Draft([self.token] * r.max_draft) for r in requests}
+        return {
+            r.request_id: Draft([self.token] * r.max_draft, from_model=self.is_model)
+            for r in requests
+        }
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         pass
@@ -568,10 +594,41 @@ def test_hybrid_asks_the_model_only_when_free_drafts_find_nothing() -> None:
     r.slot, r.num_computed_tokens = 0, 2
     spec.track("r", SpecStats())
     spec.draft([(r, Sampler(SamplingParams(max_tokens=100)))])
-    k_free = spec.free_policy.choose(0.85, 1)
-    k_model = spec.policy.choose(0.85, 1)
+    k_free = spec.free_policy.choose(PRIOR_ACCEPTANCE[False], 1)
+    k_model = spec.policy.choose(PRIOR_ACCEPTANCE[True], 1)
     assert free.asked == [k_free] and model.asked == [k_model] and k_model < k_free
     assert r.spec_token_ids == [5] * k_model
+
+
+def test_hybrid_goes_straight_to_the_model_when_it_promises_more() -> None:
+    """Each part keeps its own acceptance: a request whose free drafts mostly fail while the
+    model's hold skips the free part, and the verdict updates the model's estimate only."""
+    from enginesmith.runtime.proposer_hybrid import HybridProposer
+    from enginesmith.runtime.scheduler import ScheduledChunk
+    from enginesmith.runtime.spec_policy import FREE_RETRY_DRIFT
+
+    free, model = FixedProposer(7, False), FixedProposer(5, True)
+    spec = Speculator(
+        HybridProposer([free, model]), DraftLengthPolicy(max_draft_len=6, draft_cost=0.3), 512
+    )
+    r = SchedRequest([1, 2, 3], 100, request_id="r")
+    r.slot, r.num_computed_tokens = 0, 2
+    spec.track("r", SpecStats())
+    state = spec._state("r")
+    state.acceptance, state.acceptance_model = 0.1, 0.95
+    sampler = Sampler(SamplingParams(max_tokens=100))
+    spec.draft([(r, sampler)])
+    k_model = spec.policy.choose(0.95, 1)
+    assert free.asked == [] and model.asked == [k_model] and r.spec_token_ids == [5] * k_model
+    drifted = 0.1 + FREE_RETRY_DRIFT * (PRIOR_ACCEPTANCE[False] - 0.1)
+    assert state.acceptance == pytest.approx(drifted)
+    # the target agrees with the first two drafts only
+    logits = np.zeros((k_model + 1, 10), np.float32)
+    logits[0, 5] = logits[1, 5] = logits[2, 9] = 1.0
+    chunk = ScheduledChunk.of(r, k_model + 1, r.spec_token_ids)
+    free_before = state.acceptance
+    assert spec.emit(chunk, sampler, logits) == [5, 5, 9]
+    assert state.acceptance == free_before and state.acceptance_model < 0.95
 
 
 # -- the whole loop, sampling: a bigram "engine" with a 6-token vocabulary --------------------

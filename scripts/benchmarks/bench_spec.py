@@ -14,8 +14,10 @@ One process measures, on the same machine, prompts and token ids:
 * peers on the same token ids (greedy): llama.cpp on the Q4_1 GGUF, plain and with prompt
   lookup (LlamaPromptLookupDecoding, num_pred_tokens 2 and 10), transformers plain and with
   prompt_lookup_num_tokens; each peer's speedup over its own plain decode;
-* batch 4 and 8 under in-flight batching, all requests submitted at once, with and without
-  speculation: generated tokens / wall time (prefill included);
+* batch 4 and 8 under in-flight batching, with and without speculation: --waves x B requests
+  (the prompts in turn), B at a time, each finished request's place taken by the next (a
+  server's steady state: with a fixed set of B, speculation would finish some requests early and
+  leave the batch to shrink); generated tokens / wall time (prefill included);
 * greedy and --temperature (0.8) for our rows.
 
 The table goes to stdout, progress to stderr, everything to <cache>/bench/spec-*.json.
@@ -33,6 +35,7 @@ from typing import Any
 
 import numpy as np
 
+from enginesmith.runtime.spec_policy import DEFAULT_MAX_DRAFT_LEN
 from enginesmith.scripts.benchmarks.bench import (
     bench_main,
     format_table,
@@ -153,6 +156,24 @@ def run_ours(
     return outs, time.perf_counter() - t0
 
 
+def run_closed_loop(
+    llm: Any, prompts: list[str], params: Any, concurrency: int, total: int
+) -> tuple[list[Any], float]:
+    """TOTAL requests (PROMPTS in turn), CONCURRENCY at a time, a finished request's place
+    taken by the next before the following step; outputs and wall seconds."""
+    requests = [llm.new_request(prompts[i % len(prompts)], params) for i in range(total)]
+    pending, active = list(requests), list[Any]()
+    t0 = time.perf_counter()
+    while pending or active:
+        while pending and len(active) < concurrency:
+            active.append(pending.pop(0))
+            llm.core.add(active[-1])
+        llm.core.step()
+        active = [r for r in active if r.finish_reason is None]
+    wall = time.perf_counter() - t0
+    return [r.output() for r in requests], wall
+
+
 def decode_rate(outs: list[Any]) -> float:
     """Tokens after the first per second from the first to the last, summed over requests."""
     tokens = sum(o.stats.generated_tokens - 1 for o in outs)
@@ -265,9 +286,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine-dir", type=Path, default=None, help="default: built into the cache")
     p.add_argument("--max-tokens", type=int, default=160, help="new tokens per prompt")
     p.add_argument("--prompts", type=int, default=3, help="prompts per workload")
-    p.add_argument("--max-draft-len", type=int, default=6, help="K cap of every source")
+    p.add_argument(
+        "--max-draft-len",
+        type=int,
+        default=None,
+        help=f"K cap of every source (default: the runtime's, {DEFAULT_MAX_DRAFT_LEN})",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="the sampled rows' T")
     p.add_argument("--batches", default="4,8", help="in-flight batch sizes")
+    p.add_argument("--waves", type=int, default=3, help="in-flight requests per slot (default 3)")
     p.add_argument("--context", type=int, default=256, help="cached tokens for v(K)")
     p.add_argument("--vk-reps", type=int, default=15, help="timed rounds of the v(K) table")
     p.add_argument("--threads", type=int, default=2)
@@ -364,7 +391,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
                 else:
                     row["speedup"] = rate / target_rate[(workload, t)]
                     a, k = spec["acceptance_rate"], spec["mean_draft_len"]
-                    row["predicted"] = predicted_speedup(a, k, c, v_at(vk, k))
+                    # a hybrid's drafts come from parts of different c and a: no one formula
+                    hybrid = "+" in row["source"]
+                    row["predicted"] = None if hybrid else predicted_speedup(a, k, c, v_at(vk, k))
                     if t == 0.0:
                         row["identical_to_target"] = ids == reference[(workload, t)]
                 rows.append(row)
@@ -382,10 +411,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     mixed = [p for pair in zip(prompts["grounded"], prompts["free"], strict=True) for p in pair]
     spec_llm = speculating(best)
     for b in [int(x) for x in args.batches.split(",")]:
-        batch_prompts = (mixed * b)[:b]
         for t in temps:
             for name, llm in (("target-only", base), (best, spec_llm)):
-                outs, wall = run_ours(llm, batch_prompts, params(t), batch=True)
+                outs, wall = run_closed_loop(llm, mixed, params(t), b, args.waves * b)
                 tokens = sum(o.stats.generated_tokens for o in outs)
                 batch_rows.append(
                     {
