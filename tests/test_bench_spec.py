@@ -56,7 +56,8 @@ def test_closed_loop_keeps_the_batch_full_until_the_requests_run_out() -> None:
 
     class Request:
         def __init__(self, prompt: str) -> None:
-            self.prompt, self.left, self.finish_reason = prompt, len(prompt), None
+            self.prompt, self.left = prompt, len(prompt)
+            self.finish_reason: str | None = None
 
         def output(self) -> str:
             return self.prompt
