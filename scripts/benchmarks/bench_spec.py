@@ -147,12 +147,10 @@ def predicted_speedup(a: float, k: float, c: float, v: float) -> float | None:
 # --- ours -----------------------------------------------------------------------------------------
 
 
-def run_ours(
-    llm: Any, prompts: list[str], params: Any, batch: bool = False
-) -> tuple[list[Any], float]:
-    """Outputs and wall seconds: one request at a time (batch 1) or all at once."""
+def run_ours(llm: Any, prompts: list[str], params: Any) -> tuple[list[Any], float]:
+    """Outputs and wall seconds, one request at a time (batch 1)."""
     t0 = time.perf_counter()
-    outs = llm.generate(prompts, params) if batch else [llm.generate(p, params)[0] for p in prompts]
+    outs = [llm.generate(p, params)[0] for p in prompts]
     return outs, time.perf_counter() - t0
 
 
