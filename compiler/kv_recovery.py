@@ -7,9 +7,10 @@ Which published conversion this follows:
   passes/collapse_kv_heads.py: contiguous, or AsymGQA's similarity grouping, arXiv 2406.14963).
 - Uptraining is out of reach of a CPU build; the recovery is a short distillation in two stages
   on the calibration text (512-token segments):
-  1. Layer by layer, on the first 2048 tokens (LAYERWISE_SHARE of the budget): each layer's attention block (q, k, v, o
-     projections) is fitted by Adam so that, on the original model's inputs to that layer, its
-     output matches the original attention output: min ||attn_collapsed(x) - attn_original(x)||^2.
+  1. Layer by layer, on the first 2048 tokens (LAYERWISE_SHARE of the budget): each layer's
+     attention block (q, k, v, o projections) is fitted by Adam so that, on the original model's
+     inputs to that layer, its output matches the original attention output:
+     min ||attn_collapsed(x) - attn_original(x)||^2.
      Cheap steps (one attention block), a good start; but each layer is fitted on the teacher's
      inputs, so the errors of all layers still add up.
   2. End to end (the rest): min KL(original || collapsed) over the next-token distribution, the
@@ -17,11 +18,13 @@ Which published conversion this follows:
      so later layers compensate what earlier ones still get wrong. Each step reads a fresh
      segment of the text after those 2048 tokens, its teacher computed then.
   Measured on SmolLM2-135M --kv-heads 1 (held-out perplexity on 1024 tokens, fp32 15.5, pooling
-  alone 15884; 2 torch threads, 2-core machine): both stages, 4 min, ~24k tokens streamed: 29.8
-  and 31.7 in two runs (1.92-2.04x fp32); 6 min: 40.7, although the check segment's KL kept
-  falling (0.27 -> 0.21): held-out perplexity is not monotone in the budget. Variants at 4 min:
-  end-to-end learning rate 1e-4: 31.6, 5e-4: 45.2, decaying linearly from 3e-4: 30.8; layer-wise
-  share 0.3: 34.2; every decoder weight trained end to end: 46.3. Cycling the 2048 captured
+  alone 15884; 2 torch threads, 2-core machine): both stages, 4 min, ~24k tokens streamed: 31.7
+  in scripts/bench-lossy, 29.8 in an ad-hoc run (1.92-2.04x fp32); the rest are ad-hoc runs
+  (collapse_with_recovery, then quality.perplexity on the held-out text): 6 min: 40.7, although
+  the check segment's KL kept falling (0.27 -> 0.21): held-out perplexity is not monotone in
+  the budget. Variants at 4 min: end-to-end learning rate 1e-4: 31.6, 5e-4: 45.2, decaying
+  linearly from 3e-4: 30.8; layer-wise share 0.3: 34.2; every decoder weight trained end to
+  end: 46.3. Cycling the 2048 captured
   tokens instead (teacher log-probabilities stored) overfitted them: calibration KL 0.05 but 36.3
   after 4 min, 34.1 after 8. Layer-wise fit alone: 42.0 after 4 min.
 - Also tried: fitting layers in sequence on the *collapsed* model's own inputs (so later layers
@@ -182,10 +185,10 @@ def collapsed_model(model: Any, groups: list[Groups], target: int) -> Any:
     return new
 
 
-def _capture(model: Any, segments: list[Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+def _capture(model: Any, segments: list[Any]) -> tuple[list[dict[str, Any]], Any]:
     """Per layer, per segment: the attention block's inputs (normed hidden states, position
-    embeddings) and its output in the original model; per segment, the original's next-token
-    log-probabilities."""
+    embeddings) and its output in the original model; and the original's next-token
+    log-probabilities on the first segment (the KL check: the only one that needs the LM head)."""
     import torch
 
     modules = kv_calibration.attention_modules(model)
@@ -201,16 +204,16 @@ def _capture(model: Any, segments: list[Any]) -> tuple[list[dict[str, Any]], lis
         return fn
 
     handles = [m.register_forward_hook(hook(i), with_kwargs=True) for i, m in enumerate(modules)]
-    teacher = []
     try:
         with torch.no_grad():
-            for segment in segments:
-                logits = model(input_ids=segment, use_cache=False).logits[0]
-                teacher.append(torch.log_softmax(logits.float(), dim=-1))
+            logits = model(input_ids=segments[0], use_cache=False).logits[0]
+            check_teacher = torch.log_softmax(logits.float(), dim=-1)
+            for segment in segments[1:]:
+                model.model(input_ids=segment, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return records, teacher
+    return records, check_teacher
 
 
 def _relative_error(attn: Any, record: dict[str, Any]) -> float:
@@ -306,7 +309,7 @@ def _distill(
     collapsed: Any,
     stream: list[Any],
     check: list[Any],
-    check_teacher: list[Any],
+    check_teachers: list[Any],
     deadline: float,
     report: RecoveryReport,
     log: Log,
@@ -318,7 +321,7 @@ def _distill(
 
     params = [p for m in kv_calibration.attention_modules(collapsed) for p in m.parameters()]
     start = time.perf_counter()
-    before = report.kl_layers = _mean_kl(collapsed, check, check_teacher)
+    before = report.kl_layers = _mean_kl(collapsed, check, check_teachers)
     forward = time.perf_counter() - start
     if time.perf_counter() + 5 * forward >= deadline:  # one step costs about four forwards
         return
@@ -343,7 +346,7 @@ def _distill(
         p.requires_grad_(False)
     report.steps += step
     report.stream_tokens = step * SEGMENT_TOKENS
-    after = _mean_kl(collapsed, check, check_teacher)
+    after = _mean_kl(collapsed, check, check_teachers)
     if after > before:
         with torch.no_grad():
             for p, old in zip(params, saved, strict=True):
@@ -381,13 +384,13 @@ def recover(
     start = time.perf_counter()
     deadline = deadline if deadline is not None else start + minutes * 60.0
     segments = _segments(ids)
-    records, teacher = _capture(original, segments)
+    records, check_teacher = _capture(original, segments)
     modules = kv_calibration.attention_modules(collapsed)
     params = [p for m in modules for p in m.parameters()]
     pooled = [p.detach().clone() for p in params]
-    check = segments[:1]
+    check, check_teachers = segments[:1], [check_teacher]
     if minutes > 0:
-        report.kl_pooled = _mean_kl(collapsed, check, teacher[:1])
+        report.kl_pooled = _mean_kl(collapsed, check, check_teachers)
     now = time.perf_counter()
     _fit_layers(
         modules,
@@ -404,9 +407,9 @@ def recover(
     stream = _segments(stream_ids) if stream_ids else segments
     # whole segments only: a short tail would weigh as much as a full one in a step
     stream = [s for s in stream if s.shape[1] == SEGMENT_TOKENS] or segments
-    _distill(original, collapsed, stream, check, teacher[:1], deadline, report, log)
+    _distill(original, collapsed, stream, check, check_teachers, deadline, report, log)
     if np.isnan(report.kl_recovered):  # no time was left for the distillation
-        report.kl_recovered = report.kl_layers = _mean_kl(collapsed, check, teacher[:1])
+        report.kl_recovered = report.kl_layers = _mean_kl(collapsed, check, check_teachers)
     if report.kl_recovered > report.kl_pooled:  # never worse than pooling, overall
         with torch.no_grad():
             for p, before in zip(params, pooled, strict=True):

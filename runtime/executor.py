@@ -9,9 +9,14 @@ counts. `runtime/executors.py` picks the implementation from the manifest.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
+
+# How a CPU executor's worker threads wait between kernels: "always" spin (fastest for one
+# caller); "in_run" spin but stop when a run returns (sessions that take turns: a draft and its
+# target); "never" spin (an asyncio server shares the cores). GPU executors ignore it.
+SpinMode = Literal["always", "in_run", "never"]
 
 
 class Executor(Protocol):

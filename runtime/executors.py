@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from enginesmith.runtime.errors import BackendUnavailableError
-from enginesmith.runtime.executor import Executor
+from enginesmith.runtime.executor import Executor, SpinMode
 
 EXECUTOR_BACKENDS = ("onnxruntime", "onnxruntime-gpu", "tensorrt")
 
@@ -15,24 +15,16 @@ def open_executor(
     engine_dir: Path,
     manifest: dict[str, Any],
     threads: int | None = None,
-    spin_wait: bool = True,
-    spin_only_in_run: bool = False,
+    spin: SpinMode = "always",
 ) -> Executor:
     """The executor for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT. Each is
-    imported only when chosen (the GPU ones need libraries a CPU machine lacks). SPIN_WAIT and
-    SPIN_ONLY_IN_RUN (workers stop spinning when a run returns: sessions that take turns) concern
-    ONNX Runtime on CPU only."""
+    imported only when chosen (the GPU ones need libraries a CPU machine lacks). SPIN (executor.SpinMode)
+    concerns ONNX Runtime on CPU only."""
     backend = manifest.get("backend")
     if backend == "onnxruntime":
         from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor
 
-        return OrtCpuExecutor(
-            engine_dir,
-            manifest,
-            threads=threads,
-            spin_wait=spin_wait,
-            spin_only_in_run=spin_only_in_run,
-        )
+        return OrtCpuExecutor(engine_dir, manifest, threads=threads, spin=spin)
     if backend == "onnxruntime-gpu":
         from enginesmith.runtime.ort_cuda_executor import OrtCudaExecutor
 

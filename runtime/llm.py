@@ -21,7 +21,7 @@ from enginesmith.runtime.engine_core import (
 )
 from enginesmith.runtime.engine_dir import read_manifest
 from enginesmith.runtime.errors import BackendUnavailableError, InvalidRequestError
-from enginesmith.runtime.executor import Executor
+from enginesmith.runtime.executor import Executor, SpinMode
 from enginesmith.runtime.executors import EXECUTOR_BACKENDS, open_executor
 from enginesmith.runtime.sampling import SamplingParams
 from enginesmith.runtime.speculation import SpecStats
@@ -112,20 +112,17 @@ class LLM:
         source = draft or self.manifest.get("speculative", {}).get("draft")
         if not speculative:
             source = None
-        spin_only_in_run = False
-        if source:
+        spin: SpinMode = "always" if spin_wait else "never"
+        if source and spin_wait:
             from enginesmith.runtime.proposers import uses_model_draft
 
             # Two ONNX Runtime sessions take turns on the same cores: each one's workers stop
             # spinning when its run returns, or they would slow the other's run down.
-            spin_only_in_run = spin_wait and uses_model_draft(source)
+            if uses_model_draft(source):
+                spin = "in_run"
         # ONNX Runtime on CPU or CUDA, or TensorRT: one Executor interface.
         self.executor: Executor = open_executor(
-            self.engine_dir,
-            self.manifest,
-            threads=threads,
-            spin_wait=spin_wait,
-            spin_only_in_run=spin_only_in_run,
+            self.engine_dir, self.manifest, threads=threads, spin=spin
         )
         self.executor.warmup()
         self.max_seq_len: int = self.manifest["max_seq_len"]
@@ -147,8 +144,7 @@ class LLM:
                 threads,
                 verify_files,
                 target=self.executor,
-                spin_wait=spin_wait,
-                spin_only_in_run=spin_only_in_run,
+                spin=spin,
             )
         self.core = EngineCore(
             self.executor,

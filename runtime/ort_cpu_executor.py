@@ -16,7 +16,12 @@ import numpy as np
 
 from enginesmith.plugins.flash_attention import kv_quant
 from enginesmith.runtime.errors import BackendUnavailableError
-from enginesmith.runtime.executor import bind_step_inputs, check_slot_range, warmup_idle_steps
+from enginesmith.runtime.executor import (
+    SpinMode,
+    bind_step_inputs,
+    check_slot_range,
+    warmup_idle_steps,
+)
 
 
 def resident_zeros(shape: tuple[int, ...], dtype: Any = np.float32) -> np.ndarray:
@@ -46,11 +51,8 @@ class OrtCpuExecutor:
         engine_dir: Path,
         manifest: dict[str, Any],
         threads: int | None = None,
-        spin_wait: bool = True,
-        spin_only_in_run: bool = False,
+        spin: SpinMode = "always",
     ) -> None:
-        """SPIN_WAIT: the session's workers spin between kernels; SPIN_ONLY_IN_RUN: and stop
-        when a run returns (for sessions that take turns: a draft and its target)."""
         ort = _ort()
         model = manifest["model"]
         self.num_layers: int = model["num_layers"]
@@ -66,12 +68,12 @@ class OrtCpuExecutor:
         # Shapes change every step (prompt lengths, batch rows): a memory pattern planned per
         # shape costs ~0.4 s on each new prefill length and is never reused.
         options.enable_mem_pattern = False
-        if spin_wait and spin_only_in_run:
+        if spin == "in_run":
             # Two sessions taking turns: workers still spinning after one session's run would
             # slow the other's run down, and a pool that never spins wakes its workers for every
-            # kernel (self:int4 draft, free generation: spinning off 1.21x, this 1.6x).
+            # kernel (docs/speculative.md has the bench-spec figures).
             options.add_session_config_entry("session.force_spinning_stop", "1")
-        if not spin_wait:
+        if spin == "never":
             # Spinning ORT workers starve other Python threads (an asyncio server's): measured
             # in-flight serving 102 -> 262 tok/s without it under load, single-stream decode -20%.
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -21,7 +21,7 @@ import numpy as np
 
 from enginesmith.runtime.engine_dir import read_manifest
 from enginesmith.runtime.errors import InvalidRequestError
-from enginesmith.runtime.executor import Executor
+from enginesmith.runtime.executor import Executor, SpinMode
 from enginesmith.runtime.spec_proposer import Draft, SpecRequest
 
 # Catch-up rows longer than this (a prompt) get a call of their own, not padding in others'.
@@ -44,20 +44,13 @@ class DraftEngineProposer:
         target_manifest: dict[str, Any],
         threads: int | None = None,
         verify_files: bool = True,
-        spin_wait: bool = True,
-        spin_only_in_run: bool = False,
+        spin: SpinMode = "always",
     ) -> DraftEngineProposer:
         from enginesmith.runtime.executors import open_executor
 
         manifest = read_manifest(draft_dir, verify_hashes=verify_files)
         check_compatible(draft_dir, manifest, target_manifest)
-        executor = open_executor(
-            draft_dir,
-            manifest,
-            threads=threads,
-            spin_wait=spin_wait,
-            spin_only_in_run=spin_only_in_run,
-        )
+        executor = open_executor(draft_dir, manifest, threads=threads, spin=spin)
         executor.warmup()
         return cls(executor)
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from enginesmith.runtime.errors import InvalidRequestError
-from enginesmith.runtime.executor import Executor
+from enginesmith.runtime.executor import Executor, SpinMode
 from enginesmith.runtime.spec_policy import DEFAULT_MAX_DRAFT_LEN, DraftLengthPolicy
 from enginesmith.runtime.spec_proposer import MODEL_FREE_SOURCES, Proposer, parse_draft_source
 from enginesmith.runtime.speculation import Speculator
@@ -20,8 +20,7 @@ def make_speculator(
     threads: int | None = None,
     verify_files: bool = True,
     target: Executor | None = None,
-    spin_wait: bool = True,
-    spin_only_in_run: bool = False,
+    spin: SpinMode = "always",
 ) -> Speculator:
     """A Speculator for SOURCE ('ngram', 'suffix', 'self:int8', 'draft', a model engine path,
     or a hybrid 'suffix+self:int8' that asks the model only when the first finds nothing)."""
@@ -29,7 +28,7 @@ def make_speculator(
     if k < 1:
         raise InvalidRequestError(f"max_draft_len must be >= 1 (got {k})")
     parts = [
-        _one(p, engine_dir, manifest, k, threads, verify_files, spin_wait, spin_only_in_run)
+        _one(p, engine_dir, manifest, k, threads, verify_files, spin)
         for p in parse_draft_source(source)
     ]
     proposer: Proposer
@@ -54,8 +53,7 @@ def _one(
     max_draft_len: int,
     threads: int | None,
     verify: bool,
-    spin_wait: bool,
-    spin_only_in_run: bool,
+    spin: SpinMode,
 ) -> Proposer:
     if part == "ngram":
         from enginesmith.runtime.proposer_ngram import NgramProposer
@@ -73,8 +71,7 @@ def _one(
         manifest,
         threads=threads,
         verify_files=verify,
-        spin_wait=spin_wait,
-        spin_only_in_run=spin_only_in_run,
+        spin=spin,
     )
 
 

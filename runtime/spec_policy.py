@@ -17,9 +17,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # The K cap when neither the build nor the caller gives one. The policy picks K <= cap per
-# round, so a high cap costs nothing where acceptance is low: scripts/bench-spec at batch 1 with
-# caps 6 and 10 measured ngram grounded 2.14x -> 2.24x, suffix 2.05x -> 2.26x, self:int4 free
-# 1.61x -> 1.71x.
+# round, so a high cap costs nothing where acceptance is low: scripts/bench-spec at batch 1, cap
+# 6 then cap 10 (separate runs minutes apart, --max-draft-len): ngram grounded 2.14x -> 2.24x,
+# suffix 2.05x -> 2.26x, self:int4 free 1.61x -> 1.71x.
 DEFAULT_MAX_DRAFT_LEN = 10
 # Fitted to the measured v(K) of the SmolLM2 fp32 engine on ONNX Runtime CPU (docs/benchmarks.md).
 DEFAULT_TOKEN_COST_RATIO = 0.06
@@ -38,10 +38,11 @@ ACCEPTANCE_EMA = 0.3
 # part is tried again now and then (on text that starts repeating its input).
 FREE_RETRY_DRIFT = 0.05
 # Hybrids: the model part goes first only when the formula promises this much more than the free
-# part. scripts/bench-spec (batch 1): model drafts came out at 0.78-0.95 of their predicted
-# speedup (each draft step a call of its own, catching up on tokens the free part drafted),
-# n-gram drafts at 1.0-1.18 of theirs (their hits are long runs, not independent tokens); at
-# parity the hybrid took the model on grounded prompts: 1.49x there against ngram's 2.14x.
+# part. scripts/bench-spec, batch 1, grounded prompts (six and seven runs): model drafts came
+# out at 0.73-0.97 of their predicted speedup (each draft step a call of its own, catching up on
+# the prompt), n-gram and suffix drafts at 1.08-1.28 of theirs (their hits are long runs, not
+# independent tokens); at parity the hybrid took the model there: 1.49x against ngram's 2.14x
+# in the same run. On free prompts both kinds land at 0.88-1.07 (one noisy row: 0.62).
 HYBRID_MODEL_MARGIN = 1.25
 
 

@@ -40,7 +40,7 @@ class SpecRequest:
 class Draft:
     tokens: list[int]  # [K]
     probs: np.ndarray | None = None  # [K, vocab] q for model drafts; None = a point mass
-    from_model: bool = False  # made by a model draft (hybrids keep one acceptance per kind)
+    from_model: bool = False  # made by a model draft (acceptance is kept per kind of draft)
 
 
 class Proposer(Protocol):
@@ -48,7 +48,8 @@ class Proposer(Protocol):
     is_model: bool  # draft tokens cost an engine call (for the K policy)
 
     def propose(self, requests: Sequence[SpecRequest]) -> dict[str, Draft]:
-        """Drafts for REQUESTS (an empty or missing entry = no draft this step)."""
+        """Drafts for REQUESTS, at most each request's max_draft tokens (an empty or missing
+        entry = no draft this step)."""
         ...
 
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:

@@ -70,11 +70,12 @@ class SpecStats:
 
 @dataclass
 class _State:
-    acceptance: float  # of the source (hybrids: of the model-free part)
-    acceptance_model: float = PRIOR_ACCEPTANCE[True]  # hybrids: of the model part
+    # Running acceptance per kind of draft (False: model-free, True: model); a hybrid drafts
+    # both kinds, any other source one.
+    acceptance: dict[bool, float] = field(default_factory=lambda: dict(PRIOR_ACCEPTANCE))
     probs: np.ndarray | None = None  # q of the drafts riding in the current step
     shadow: int | None = None  # a free draft's first token, proposed but not sent (K = 0)
-    from_model: bool = False  # the riding drafts came from a hybrid's model part
+    from_model: bool = False  # the kind of the drafts riding in the current step
     stats: SpecStats = field(default_factory=SpecStats)
 
 
@@ -88,23 +89,21 @@ class Speculator:
         self.totals = SpecStats()
         # Hybrids: model-free parts draft at c = 0, the model part at its own c.
         self.hybrid = proposer.is_model and getattr(proposer, "name", "") == "hybrid"
+        # The kind whose K the policy picks first (a hybrid's model-free part).
+        self._kind = proposer.is_model and not self.hybrid
         self._states: dict[str, _State] = {}
 
     @property
     def free_policy(self) -> DraftLengthPolicy:
         return dataclasses.replace(self.policy, draft_cost=0.0) if self.hybrid else self.policy
 
-    def _new_state(self) -> _State:
-        # a hybrid's own acceptance is its model-free part's
-        return _State(PRIOR_ACCEPTANCE[self.proposer.is_model and not self.hybrid])
-
     def track(self, request_id: str, stats: SpecStats) -> None:
         """Count REQUEST_ID's speculation into STATS (the request's own, live while it runs)."""
-        self._states[request_id] = dataclasses.replace(self._new_state(), stats=stats)
+        self._states[request_id] = _State(stats=stats)
 
     def _state(self, request_id: str) -> _State:
         if request_id not in self._states:
-            self._states[request_id] = self._new_state()
+            self._states[request_id] = _State()
         return self._states[request_id]
 
     def draft(self, running: Sequence[tuple[SchedRequest, Sampler]]) -> None:
@@ -120,6 +119,7 @@ class Speculator:
         # token checked against the target's keeps the acceptance estimate current, so that
         # K comes back when drafts get good again (a model draft would cost a step: no).
         shadow = not self.proposer.is_model
+        free_policy = self.free_policy  # one copy per step, not per request
         for r, sampler in decoding:
             state = self._state(r.request_id)
             state.probs, state.shadow, state.from_model = None, None, False
@@ -127,18 +127,18 @@ class Speculator:
                 sampler.params.max_tokens - len(r.output_token_ids) - 1,  # +1: the target's token
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
-            k = k_model = min(self.policy.choose(state.acceptance, batch), room)
+            a = state.acceptance
+            k = k_model = min(self.policy.choose(a[self._kind], batch), room)
             model_first = False
             if self.hybrid:  # each part its own K from its own acceptance
-                k = min(self.free_policy.choose(state.acceptance, batch), room)
-                k_model = min(self.policy.choose(state.acceptance_model, batch), room)
-                model_first = self.policy.rate(
-                    state.acceptance_model, k_model, batch
-                ) > HYBRID_MODEL_MARGIN * self.free_policy.rate(state.acceptance, k, batch)
+                k = min(free_policy.choose(a[False], batch), room)
+                k_model = min(self.policy.choose(a[True], batch), room)
+                model_first = self.policy.rate(a[True], k_model, batch) > (
+                    HYBRID_MODEL_MARGIN * free_policy.rate(a[False], k, batch)
+                )
                 if model_first:
                     k = k_model
-                    prior = PRIOR_ACCEPTANCE[False]
-                    state.acceptance += FREE_RETRY_DRIFT * (prior - state.acceptance)
+                    a[False] += FREE_RETRY_DRIFT * (PRIOR_ACCEPTANCE[False] - a[False])
             if k == 0 and shadow and room > 0:
                 k = -1  # ask for one token, keep it out of the step
             if k != 0:
@@ -171,8 +171,11 @@ class Speculator:
             if d is not None and d.tokens and ask.shadow:
                 state.shadow = d.tokens[0]
             elif d is not None and d.tokens:
-                by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(_cap(ask, d), width)])
-                state.probs, state.from_model = d.probs, d.from_model and self.hybrid
+                # a proposer returns at most the K it was asked for (its part's, in a hybrid);
+                # both Ks are within the request's room, which this cap guards
+                room_cap = max(ask.max_draft, ask.max_model_draft or 0)
+                by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(room_cap, width)])
+                state.probs, state.from_model = d.probs, d.from_model
 
     def _width(
         self,
@@ -182,22 +185,15 @@ class Speculator:
     ) -> int:
         """The widest verification row this step may carry (spec_policy.batch_width) over every
         decoding request, those without drafts counted as rows of width 0."""
+        drafted = {a.request_id for a in asks if not a.shadow and a.request_id in drafts}
         if len(decoding) == 1:
-            return max((max(a.max_draft, a.max_model_draft or 0) for a in asks), default=0)
-        lens = {
-            a.request_id: min(len(drafts[a.request_id].tokens), _cap(a, drafts[a.request_id]))
-            for a in asks
-            if not a.shadow and a.request_id in drafts
-        }
+            return max((len(drafts[i].tokens) for i in drafted), default=0)
         ids = [r.request_id for r, _ in decoding]
-        model_ids = {i for i in lens if drafts[i].from_model and self.hybrid}
+        kinds = {i: drafts[i].from_model if i in drafted else self._kind for i in ids}
         return batch_width(
             self.policy,
-            [
-                self._state(i).acceptance_model if i in model_ids else self._state(i).acceptance
-                for i in ids
-            ],
-            [lens.get(i, 0) for i in ids],
+            [self._state(i).acceptance[kinds[i]] for i in ids],
+            [len(drafts[i].tokens) if i in drafted else 0 for i in ids],
         )
 
     def emit(self, chunk: ScheduledChunk, sampler: Sampler, logits: np.ndarray) -> list[int]:
@@ -207,17 +203,15 @@ class Speculator:
         k = chunk.num_spec
         if k == 0:
             tokens = [sampler.sample(logits[-1])]
-            if state.shadow is not None:
+            if state.shadow is not None:  # only model-free sources draft in the shadow
                 hit = int(tokens[0] == state.shadow)
-                state.acceptance = update_acceptance(state.acceptance, 1, hit)
+                state.acceptance[False] = update_acceptance(state.acceptance[False], 1, hit)
         else:
             probs = None if state.probs is None else state.probs[:k]
             tokens = verify(chunk.spec_token_ids, probs, logits[-(k + 1) :], sampler)
             accepted = len(tokens) - 1
-            if state.from_model:
-                state.acceptance_model = update_acceptance(state.acceptance_model, k, accepted)
-            else:
-                state.acceptance = update_acceptance(state.acceptance, k, accepted)
+            kind = state.from_model
+            state.acceptance[kind] = update_acceptance(state.acceptance[kind], k, accepted)
             for s in (state.stats, self.totals):
                 s.draft_tokens += k
                 s.accepted_tokens += accepted
@@ -234,10 +228,3 @@ class Speculator:
         self.proposer.finish(
             request.request_id, request.all_token_ids, len(request.prompt_token_ids)
         )
-
-
-def _cap(ask: SpecRequest, draft: Draft) -> int:
-    """The most of DRAFT's tokens ASK allows (a hybrid's model part has a cap of its own)."""
-    if draft.from_model and ask.max_model_draft is not None:
-        return ask.max_model_draft
-    return ask.max_draft

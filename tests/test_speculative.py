@@ -615,20 +615,20 @@ def test_hybrid_goes_straight_to_the_model_when_it_promises_more() -> None:
     r.slot, r.num_computed_tokens = 0, 2
     spec.track("r", SpecStats())
     state = spec._state("r")
-    state.acceptance, state.acceptance_model = 0.1, 0.95
+    state.acceptance.update({False: 0.1, True: 0.95})
     sampler = Sampler(SamplingParams(max_tokens=100))
     spec.draft([(r, sampler)])
     k_model = spec.policy.choose(0.95, 1)
     assert free.asked == [] and model.asked == [k_model] and r.spec_token_ids == [5] * k_model
     drifted = 0.1 + FREE_RETRY_DRIFT * (PRIOR_ACCEPTANCE[False] - 0.1)
-    assert state.acceptance == pytest.approx(drifted)
+    assert state.acceptance[False] == pytest.approx(drifted)
     # the target agrees with the first two drafts only
     logits = np.zeros((k_model + 1, 10), np.float32)
     logits[0, 5] = logits[1, 5] = logits[2, 9] = 1.0
     chunk = ScheduledChunk.of(r, k_model + 1, r.spec_token_ids)
-    free_before = state.acceptance
+    free_before = state.acceptance[False]
     assert spec.emit(chunk, sampler, logits) == [5, 5, 9]
-    assert state.acceptance == free_before and state.acceptance_model < 0.95
+    assert state.acceptance[False] == free_before and state.acceptance[True] < 0.95
 
 
 # -- the whole loop, sampling: a bigram "engine" with a 6-token vocabulary --------------------
