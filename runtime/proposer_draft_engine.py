@@ -24,6 +24,9 @@ from enginesmith.runtime.errors import InvalidRequestError
 from enginesmith.runtime.executor import Executor, SpinMode
 from enginesmith.runtime.spec_proposer import Draft, SpecRequest
 
+# Batch sizes at which c is timed at load (DraftLengthPolicy.cost uses the largest at or below).
+COST_BATCHES = (1, 2, 3, 4, 6, 8)
+CATCH_UP_PROBE_TOKENS = 128  # the row timed for the cost per token of a catch-up call
 # Catch-up rows longer than this (a prompt) get a call of their own, not padding in others'.
 _SHARED_ROW_TOKENS = 8
 
@@ -35,6 +38,8 @@ class DraftEngineProposer:
     def __init__(self, executor: Executor, draft_cost: float = 0.5) -> None:
         self.executor = executor
         self.draft_cost = draft_cost  # c: one draft step / one target step
+        self.cost_by_batch: dict[int, float] = {}  # c per batch size, once measured
+        self.catch_up_cost = 0.0  # a token fed in a catch-up call / a target step, once measured
         self._cached: dict[str, tuple[int, list[int]]] = {}  # request id -> slot, tokens held
 
     @classmethod
@@ -54,11 +59,32 @@ class DraftEngineProposer:
         executor.warmup()
         return cls(executor)
 
-    def measure_cost(self, target: Executor, steps: int = 5) -> float:
-        """c = a one-token draft step / a one-token target step, timed on slot 0 (empty at
-        load: the garbage written there is overwritten by the first prefill)."""
-        self.draft_cost = _one_token_step_s(self.executor, steps) / _one_token_step_s(target, steps)
-        return self.draft_cost
+    def measure_cost(self, target: Executor, steps: int = 5) -> dict[int, float]:
+        """c(B) = a draft step of B one-token rows / a target step of B one-token rows, for B
+        in COST_BATCHES up to both engines' slots, timed on the first slots (empty at load:
+        what is written there is overwritten by the first prefill). Sets draft_cost to c(1)."""
+        slots = min(self.executor.max_batch, target.max_batch)
+        self.cost_by_batch, most = {}, 0.0
+        for b in (b for b in COST_BATCHES if b <= slots):
+            # never assumed to fall as the batch grows: a noisy timing must not turn drafts on
+            most = max(most, _step_s(self.executor, b, steps) / _step_s(target, b, steps))
+            self.cost_by_batch[b] = most
+        self.draft_cost = self.cost_by_batch[1]
+        self.catch_up_cost = (
+            _step_s(self.executor, 1, 2, CATCH_UP_PROBE_TOKENS)
+            / CATCH_UP_PROBE_TOKENS
+            / _step_s(target, 1, steps)
+        )
+        return self.cost_by_batch
+
+    def behind(self, slot: int, request_id: str, token_ids: list[int]) -> int:
+        """Tokens this draft would feed the request in a call of its own (more than
+        _SHARED_ROW_TOKENS: a prompt it has not seen) before its first draft token; 0 when they
+        ride along in the shared call."""
+        held_slot, held = self._cached.get(request_id, (-1, []))
+        keep = _common_prefix(held, token_ids) if held_slot == slot else 0
+        feed = len(token_ids) - min(keep, len(token_ids) - 1)
+        return feed if feed > _SHARED_ROW_TOKENS else 0
 
     def propose(self, requests: Sequence[SpecRequest]) -> dict[str, Draft]:
         if not requests:
@@ -184,12 +210,18 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return i
 
 
-def _one_token_step_s(executor: Executor, steps: int) -> float:
-    ids = np.zeros((1, 1), np.int64)
-    one = np.ones(1, np.int32)
+def _step_s(executor: Executor, batch: int, steps: int, width: int = 1) -> float:
+    """Median seconds of a step of BATCH rows of WIDTH new tokens each (slots 0..BATCH-1, empty
+    caches) after one untimed."""
+    positions = np.tile(np.arange(width, dtype=np.int64), (batch, 1))
+    ids = np.zeros((batch, width), np.int64)
+    seqlens_k = np.full(batch, width - 1, np.int32)
+    lengths = np.full(batch, width, np.int32)
+    wanted = np.arange(batch, dtype=np.int64) * width + width - 1
     times = []
-    for _ in range(steps):
+    for i in range(steps + 1):
         start = time.perf_counter()
-        executor.step(0, ids, ids, np.zeros(1, np.int32), one, np.zeros(1, np.int64))
-        times.append(time.perf_counter() - start)
+        executor.step(0, ids, positions, seqlens_k, lengths, wanted)
+        if i:
+            times.append(time.perf_counter() - start)
     return float(np.median(times))

@@ -42,6 +42,11 @@ class HybridProposer:
                 break
         return drafts
 
+    def behind(self, slot: int, request_id: str, token_ids: list[int]) -> int:
+        """The model part's catch-up (DraftEngineProposer.behind)."""
+        parts = [p for p in self.parts if hasattr(p, "behind")]
+        return max((p.behind(slot, request_id, token_ids) for p in parts), default=0)
+
     def finish(self, request_id: str, token_ids: list[int], num_prompt_tokens: int) -> None:
         for part in self.parts:
             part.finish(request_id, token_ids, num_prompt_tokens)

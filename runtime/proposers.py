@@ -41,8 +41,13 @@ def make_speculator(
     for part in parts:  # c of a model draft: timed against the target when it is at hand
         if target is not None and hasattr(part, "measure_cost"):
             part.measure_cost(target)
-    draft_cost = float(getattr(proposer if len(parts) == 1 else parts[-1], "draft_cost", 0.0))
-    policy = DraftLengthPolicy(max_draft_len=k, draft_cost=draft_cost)
+    model = proposer if len(parts) == 1 else parts[-1]
+    policy = DraftLengthPolicy(
+        max_draft_len=k,
+        draft_cost=float(getattr(model, "draft_cost", 0.0)),
+        draft_cost_by_batch=dict(getattr(model, "cost_by_batch", {})),
+        catch_up_cost=float(getattr(model, "catch_up_cost", 0.0)),
+    )
     return Speculator(proposer, policy, manifest["max_seq_len"])
 
 

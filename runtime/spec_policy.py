@@ -7,7 +7,8 @@ a step whose B rows carry K + 1 tokens each over a step of B one-token rows. K m
 per cost; when no K beats plain decode (1 token per 1 step) it is 0, which is what happens when
 the batch is large enough that extra tokens are no longer free.
 
-v comes from a linear step-cost model, time(T tokens) = w + t*T (weights read once, then
+c is measured per batch size at load (a small draft's step grows with the batch faster than
+the target's). v comes from a linear step-cost model, time(T tokens) = w + t*T (weights read once, then
 per-token work): v(K, B) = (1 + r*B*(K+1)) / (1 + r*B) with r = t / w. docs/benchmarks.md has
 the measured v(K) table that r is fitted to.
 """
@@ -52,38 +53,69 @@ def expected_tokens(acceptance: float, k: int) -> float:
     return (1 - a ** (k + 1)) / (1 - a)
 
 
+def _at_batch(table: dict[int, float], batch: int, default: float) -> float:
+    """TABLE's entry for the largest measured batch size at or below BATCH (the smallest
+    measured one below all of them); DEFAULT when nothing was measured."""
+    if not table:
+        return default
+    measured = sorted(table)
+    below = [b for b in measured if b <= batch]
+    return table[below[-1] if below else measured[0]]
+
+
 @dataclass
 class DraftLengthPolicy:
     max_draft_len: int = DEFAULT_MAX_DRAFT_LEN
     draft_cost: float = 0.0  # c: a draft step / a target step (0: model-free)
     token_cost_ratio: float = DEFAULT_TOKEN_COST_RATIO  # r in v(K, B)
-    # r measured per batch size (scripts/bench-spec fits one per B): a batch uses the entry of
-    # the largest measured B at or below it. Empty: token_cost_ratio for every batch.
+    # r measured per batch size (scripts/bench-spec fits one per B). Empty: token_cost_ratio
+    # for every batch.
     ratio_by_batch: dict[int, float] = field(default_factory=dict)
+    # c measured per batch size (a draft step of B rows / a target step of B rows). A small
+    # draft's step grows with B faster than the target's (int4 is compute-bound where fp32
+    # reads weights): self:int4 against SmolLM2 fp32 measured c = 0.39, 0.52, 0.66, 0.78 at
+    # B = 1, 2, 4, 8, and with c(1) for every batch ngram+self:int4 ran in-flight batches at
+    # 0.66-0.71x plain decode (scripts/bench-spec). Empty: draft_cost for every batch.
+    draft_cost_by_batch: dict[int, float] = field(default_factory=dict)
+    # A model draft that is behind the request by a prompt (a new request, or one that skipped
+    # the model for a while) feeds it in a call of its own before drafting, and the whole batch
+    # waits: this cost per token fed, in target steps, spread over the rounds the request has
+    # left. Without it, ngram+self:int4 ran in-flight batch 4 at 0.74x plain decode, a fifth of
+    # the wall time in the draft's prompt calls (ad-hoc trace of scripts/bench-spec's loop).
+    catch_up_cost: float = 0.0
 
     def ratio(self, batch: int) -> float:
-        if not self.ratio_by_batch:
-            return self.token_cost_ratio
-        measured = sorted(self.ratio_by_batch)
-        below = [b for b in measured if b <= batch]
-        return self.ratio_by_batch[below[-1] if below else measured[0]]
+        return _at_batch(self.ratio_by_batch, batch, self.token_cost_ratio)
+
+    def cost(self, batch: int) -> float:
+        """c for a batch of BATCH drafting rows."""
+        return _at_batch(self.draft_cost_by_batch, batch, self.draft_cost)
 
     def verify_cost(self, k: int, batch: int) -> float:
         """v(K, B): a step of B rows with K + 1 tokens each over one of B one-token rows."""
         r = self.ratio(batch)
         return (1 + r * batch * (k + 1)) / (1 + r * batch)
 
-    def rate(self, acceptance: float, k: int, batch: int) -> float:
-        """Tokens per target-step of cost with K drafts (K = 0: plain decode, 1)."""
+    def rate(
+        self, acceptance: float, k: int, batch: int, behind: int = 0, remaining: int = 0
+    ) -> float:
+        """Tokens per target-step of cost with K drafts (K = 0: plain decode, 1), for a request
+        whose draft must first catch up on BEHIND tokens and that has REMAINING tokens left."""
         if k <= 0:
             return 1.0
-        return expected_tokens(acceptance, k) / (self.draft_cost * k + self.verify_cost(k, batch))
+        tokens = expected_tokens(acceptance, k)
+        cost = self.cost(batch) * k + self.verify_cost(k, batch)
+        if behind > 0:  # the batch waits for the catch-up; the rounds left share it
+            rounds_left = max(remaining, 1) / tokens
+            cost += self.catch_up_cost * behind * batch / max(rounds_left, 1.0)
+        return tokens / cost
 
-    def choose(self, acceptance: float, batch: int) -> int:
-        """K for one request at this ACCEPTANCE estimate when BATCH requests decode."""
+    def choose(self, acceptance: float, batch: int, behind: int = 0, remaining: int = 0) -> int:
+        """K for one request at this ACCEPTANCE estimate when BATCH requests decode (BEHIND,
+        REMAINING: see rate)."""
         best_k, best = 0, 1.0
         for k in range(1, self.max_draft_len + 1):
-            rate = self.rate(acceptance, k, batch)
+            rate = self.rate(acceptance, k, batch, behind, remaining)
             if rate > best * SINGLE_MARGIN:
                 best_k, best = k, rate
         # in a batch, drafting must beat plain decode (1 token per step) by the wider margin

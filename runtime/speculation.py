@@ -95,7 +95,9 @@ class Speculator:
 
     @property
     def free_policy(self) -> DraftLengthPolicy:
-        return dataclasses.replace(self.policy, draft_cost=0.0) if self.hybrid else self.policy
+        if not self.hybrid:
+            return self.policy
+        return dataclasses.replace(self.policy, draft_cost=0.0, draft_cost_by_batch={})
 
     def track(self, request_id: str, stats: SpecStats) -> None:
         """Count REQUEST_ID's speculation into STATS (the request's own, live while it runs)."""
@@ -128,12 +130,15 @@ class Speculator:
                 self.max_seq_len - r.num_tokens - 1,  # the drafts' cache rows must fit the slot
             )
             a = state.acceptance
-            k = k_model = min(self.policy.choose(a[self._kind], batch), room)
+            # a model draft that would first need a prompt call of its own pays for it
+            behind = self._behind(r) if self.proposer.is_model else 0
+            model_k = dict(behind=behind, remaining=room)
+            k = k_model = min(self.policy.choose(a[self._kind], batch, **model_k), room)
             model_first = False
             if self.hybrid:  # each part its own K from its own acceptance
                 k = min(free_policy.choose(a[False], batch), room)
-                k_model = min(self.policy.choose(a[True], batch), room)
-                model_first = self.policy.rate(a[True], k_model, batch) > (
+                k_model = min(self.policy.choose(a[True], batch, **model_k), room)
+                model_first = self.policy.rate(a[True], k_model, batch, **model_k) > (
                     HYBRID_MODEL_MARGIN * free_policy.rate(a[False], k, batch)
                 )
                 if model_first:
@@ -176,6 +181,13 @@ class Speculator:
                 room_cap = max(ask.max_draft, ask.max_model_draft or 0)
                 by_id[ask.request_id].spec_token_ids = list(d.tokens[: min(room_cap, width)])
                 state.probs, state.from_model = d.probs, d.from_model
+
+    def _behind(self, r: SchedRequest) -> int:
+        """Tokens the model draft must feed R in a call of its own before drafting."""
+        behind = getattr(self.proposer, "behind", None)
+        return (
+            0 if behind is None or r.slot is None else behind(r.slot, r.request_id, r.all_token_ids)
+        )
 
     def _width(
         self,

@@ -49,6 +49,11 @@ def test_best_source_is_the_highest_mean_greedy_speedup() -> None:
         {"source": "suffix", "temperature": 0.8, "speedup": 9.0},  # sampled rows do not rank
     ]
     assert bench_spec._best_source(rows) == "self:int4"
+    rows[2:4] = [{"source": "suffix", "temperature": 0.0, "speedup": 1.5}]
+    assert bench_spec._best_source(rows) == "suffix"
+    assert bench_spec._best_source(rows, model=True) is None  # no model draft ran
+    rows.append({"source": "ngram+self:int4", "temperature": 0.0, "speedup": 1.2})
+    assert bench_spec._best_source(rows, model=True) == "ngram+self:int4"
 
 
 def test_closed_loop_keeps_the_batch_full_until_the_requests_run_out() -> None:

@@ -61,6 +61,33 @@ def test_recovery_is_never_worse_than_pooling(hf_models) -> None:  # type: ignor
     assert report.as_dict()["kl_recovered"] == round(report.kl_recovered, 4)
 
 
+def test_bf16_student_trains_the_fp32_weights(hf_models) -> None:  # type: ignore[no-untyped-def]
+    """The end-to-end stage's bf16 student shares the collapsed model's fp32 attention
+    projections (its updates land there) and holds everything else in bf16, once."""
+    loaded = hf_models("tiny-llama")
+    collapsed, _ = kv_recovery.collapse_with_recovery(
+        loaded.model, loaded.tokenizer, 1, minutes=0, log=lambda _m: None
+    )
+    teacher, student = kv_recovery._bf16_twins(loaded.model, collapsed)
+    for bf16_attn, fp32_attn in zip(
+        kv_recovery.kv_calibration.attention_modules(student),
+        kv_recovery.kv_calibration.attention_modules(collapsed),
+        strict=True,
+    ):
+        assert bf16_attn.k_proj is fp32_attn.k_proj and bf16_attn.o_proj is fp32_attn.o_proj
+        assert fp32_attn.q_proj.weight.dtype == torch.float32
+    assert student.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert {p.dtype for p in teacher.parameters()} == {torch.bfloat16}
+    assert loaded.model.model.embed_tokens.weight.dtype == torch.float32  # originals untouched
+    ids = torch.tensor([loaded.tokenizer(TEXT).input_ids[:32]])
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ours = student(input_ids=ids).logits.float()
+    with torch.no_grad():
+        ref = collapsed(input_ids=ids).logits
+    # bf16 rounding only: the twin computes the collapsed model
+    assert float((ours - ref).abs().max()) < 0.05 * float(ref.abs().max()) + 0.05
+
+
 def test_no_recovery_time_measures_no_kl(hf_models) -> None:  # type: ignore[no-untyped-def]
     loaded = hf_models("tiny-llama")
     _, report = kv_recovery.collapse_with_recovery(

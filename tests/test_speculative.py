@@ -212,6 +212,25 @@ def test_policy_uses_the_ratio_measured_for_the_batch() -> None:
     assert measured.choose(0.5, 8) < flat.choose(0.5, 8)
 
 
+def test_policy_uses_the_draft_cost_measured_for_the_batch() -> None:
+    """A model draft whose step grows with the batch (c per B) drafts at batch 1 and stops
+    where its steps cost more than its tokens save; a hybrid's model-free part costs nothing
+    at any batch."""
+    flat = DraftLengthPolicy(max_draft_len=6, draft_cost=0.4)
+    growing = DraftLengthPolicy(
+        max_draft_len=6, draft_cost=0.4, draft_cost_by_batch={1: 0.4, 4: 0.7, 8: 0.8}
+    )
+    assert growing.cost(1) == 0.4 and growing.cost(6) == 0.7 and growing.cost(16) == 0.8
+    assert growing.choose(0.9, 1) == flat.choose(0.9, 1) > 0
+    assert flat.choose(0.9, 8) > 0  # c(1) everywhere: still drafting at batch 8
+    assert growing.choose(0.9, 8) == 0
+    from enginesmith.runtime.proposer_hybrid import HybridProposer
+
+    hybrid = HybridProposer([FixedProposer(None, False), FixedProposer(5, True)])
+    free = Speculator(hybrid, growing, 512).free_policy
+    assert free.cost(8) == 0.0 and free.choose(0.9, 8) > 0
+
+
 def test_batch_width_prices_the_padding_of_the_widest_row() -> None:
     """Rows are padded to the widest: one drafting row among idle ones costs the whole step, so
     a lone draft at middling acceptance is dropped in a batch; drafts every row can use stay."""
