@@ -11,7 +11,7 @@ tokens (nothing is lost; its generated tokens are kept).
 
 Speculative decoding adds draft tokens (`spec_token_ids`, set by the engine core before a
 step) after a request's known tokens: they count inside the step's token budget (vLLM's
-`num_tokens_with_spec`) and are written to the slot's cache, but only the accepted ones become
+`num_tokens_with_spec`), from what is left once every known token is scheduled, and are written to the slot's cache, but only the accepted ones become
 known; rejection is `num_computed_tokens` not counting the rejected ones (a smaller cached
 length next step: no copy).
 
@@ -228,21 +228,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
         budget = self.max_num_tokens
-        # 1. Running requests first, oldest first: decodes cost one token each.
+        # 1. Running requests first, oldest first: their known tokens (a decode costs one).
         for request in list(self.running):
             if budget == 0:
                 break
             if request.status is not RequestStatus.RUNNING:
                 continue  # preempted earlier in this loop
-            # Draft tokens only ride along when every known token fits; the budget cuts them.
-            spec = request.spec_token_ids if request.num_uncomputed < budget else []
-            spec = spec[: budget - request.num_uncomputed]
-            n = min(request.num_uncomputed + len(spec), budget)
+            n = min(request.num_uncomputed, budget)
             if n == 0:
                 continue
             if not self._reserve_or_preempt(request, request.num_computed_tokens + n, out):
                 continue  # it preempted itself
-            out.chunks.append(ScheduledChunk.of(request, n, spec))
+            out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
         # 2. Admit waiting requests FCFS while slot, KV budget and token budget allow.
         while self.waiting and budget > 0 and not out.preempted:
@@ -262,6 +259,18 @@ class Scheduler:
             self.running.append(request)
             out.chunks.append(ScheduledChunk.of(request, n))
             budget -= n
+        # 3. Draft tokens last, from the budget the known tokens left: a prefill split into one
+        # more chunk costs a whole extra step, a draft cut short only its expected gain
+        # (drafts first took in-flight speculation at batch 8 to 0.93-0.99x plain decode).
+        for i, chunk in enumerate(out.chunks):
+            spec = chunk.request.spec_token_ids[:budget] if chunk.samples else []
+            if not spec:
+                continue
+            total = chunk.request.num_computed_tokens + chunk.num_new_tokens + len(spec)
+            if not self.kv.reserve(chunk.request, total):
+                continue  # drafts never preempt
+            out.chunks[i] = ScheduledChunk.of(chunk.request, chunk.num_new_tokens + len(spec), spec)
+            budget -= len(spec)
         return out
 
     def _reserve_or_preempt(self, request: SchedRequest, total: int, out: SchedulerOutput) -> bool:

@@ -262,6 +262,23 @@ def test_drafts_count_in_the_budget_and_rejection_rolls_back() -> None:
     assert r.spec_token_ids == []
 
 
+def test_known_tokens_are_scheduled_before_drafts() -> None:
+    """A new request's prompt and every running request's known tokens get the budget first;
+    drafts share what is left (a prefill split by drafts costs a whole extra step)."""
+    s = Scheduler(KVCacheManager(3, 64), max_num_tokens=8)
+    r = SchedRequest(list(range(4)), 10, request_id="r")
+    s.add_request(r)
+    s.update(s.schedule(), {"r": 7})
+    q = SchedRequest(list(range(5)), 10, request_id="q")  # arrives while r decodes
+    s.add_request(q)
+    r.spec_token_ids = [1, 2, 3, 4, 5, 6]
+    out = s.schedule()
+    by_id = {c.request.request_id: c for c in out.chunks}
+    assert by_id["q"].num_new_tokens == 5 and by_id["q"].spec_token_ids == []  # whole prompt
+    assert by_id["r"].spec_token_ids == [1, 2] and by_id["r"].num_new_tokens == 3  # the rest
+    assert out.num_scheduled_tokens == 8
+
+
 # -- the whole loop on a tiny engine --------------------------------------------------------
 
 
