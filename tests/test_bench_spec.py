@@ -54,6 +54,7 @@ def test_best_source_is_the_highest_mean_greedy_speedup() -> None:
     assert bench_spec._best_source(rows, model=True) is None  # no model draft ran
     rows.append({"source": "ngram+self:int4", "temperature": 0.0, "speedup": 1.2})
     assert bench_spec._best_source(rows, model=True) == "ngram+self:int4"
+    assert bench_spec._best_source(rows, model=False) == "suffix"
 
 
 def test_closed_loop_keeps_the_batch_full_until_the_requests_run_out() -> None:

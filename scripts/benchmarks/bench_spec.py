@@ -404,10 +404,11 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if llm is not base:
             del llm
             gc.collect()
-    # in-flight batching: the best source, and the best one with a model draft (whose steps
-    # grow with the batch) where that is another
+    # in-flight batching: the best model-free source and the best one with a model draft
+    # (whose steps grow with the batch), where they ran
     best = _best_source(rows) or "ngram"
-    inflight_sources = list(dict.fromkeys([best, _best_source(rows, model=True) or best]))
+    picks = [_best_source(rows, model=False), _best_source(rows, model=True)]
+    inflight_sources = [s for s in picks if s is not None] or [best]
     batch_rows = []
     mixed = [p for pair in zip(prompts["grounded"], prompts["free"], strict=True) for p in pair]
     spec_llms = {s: speculating(s) for s in inflight_sources}
@@ -449,13 +450,13 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     )
 
 
-def _best_source(rows: list[dict[str, Any]], model: bool = False) -> str | None:
-    """The source with the highest mean greedy speedup over both workloads (MODEL: among
-    those with a model draft; None if there is none)."""
+def _best_source(rows: list[dict[str, Any]], model: bool | None = None) -> str | None:
+    """The source with the highest mean greedy speedup over both workloads (MODEL True / False:
+    among those with / without a model draft; None if there is none)."""
     scores: dict[str, list[float]] = {}
     for r in rows:
         if "speedup" in r and r["temperature"] == 0.0:
-            if model and not uses_model_draft(r["source"]):
+            if model is not None and uses_model_draft(r["source"]) != model:
                 continue
             scores.setdefault(r["source"], []).append(r["speedup"])
     if not scores:
