@@ -97,3 +97,16 @@ def test_closed_loop_keeps_the_batch_full_until_the_requests_run_out() -> None:
     widths = llm.core.widths
     assert max(widths) == 2 and widths[: widths.index(1)] == [2] * widths.index(1)
     assert sum(widths) == sum(len(p) for p in outs)
+
+
+def test_inflight_prompts_are_all_different() -> None:
+    """In flight no prompt repeats: a repeated greedy prompt repeats its output, which a
+    source that learns from other requests (suffix) would copy."""
+    w = bench_spec.workloads(12, distinct=True)
+    contents = [m[0]["content"] for ms in w.values() for m in ms]
+    assert len(set(contents)) == len(contents) == 24
+    assert bench_spec.workloads(2)["free"] == bench_spec.workloads(2, distinct=True)["free"]
+    parser = bench_spec.build_parser()
+    bench_spec._check(parser, parser.parse_args([]))  # the defaults fit: 3 x 8 requests
+    with pytest.raises(SystemExit):  # 4 x 8 would repeat prompts
+        bench_spec._check(parser, parser.parse_args(["--waves", "4"]))

@@ -52,6 +52,15 @@ QUESTIONS = (
     "What were the main causes of the French Revolution?",
     "Write a short story about a robot who learns to paint.",
     "How does the immune system fight a virus?",
+    # the in-flight runs take the rest too: every request there has a prompt of its own
+    "Describe how a bicycle gear system works.",
+    "What makes a good password, and why?",
+    "Explain the water cycle to a ten-year-old.",
+    "Why do leaves change colour in autumn?",
+    "How do vaccines get tested before approval?",
+    "Write a short poem about a lighthouse keeper.",
+    "What is the difference between weather and climate?",
+    "How does a compiler turn source code into a program?",
 )
 GROUNDED_TASKS = (
     "Rewrite the following passage in plain words, keeping every fact and example:",
@@ -70,13 +79,20 @@ def log(msg: str) -> None:
 # --- prompts --------------------------------------------------------------------------------------
 
 
-def workloads(n: int) -> dict[str, list[list[dict[str, str]]]]:
-    """Chat messages of N prompts per workload."""
+def workloads(n: int, distinct: bool = False) -> dict[str, list[list[dict[str, str]]]]:
+    """Chat messages of N prompts per workload. DISTINCT: no two alike (passages beyond
+    PASSAGE_TOPICS, every question), for the in-flight runs, where a repeated greedy prompt
+    repeats its output and a source that learns from other requests (suffix) would copy it."""
     from pydoc_data.topics import topics
 
+    names = list(PASSAGE_TOPICS)
+    if distinct:
+        names += [t for t in sorted(topics) if len(topics[t]) >= PASSAGE_CHARS and t not in names]
+        if n > min(len(names), len(QUESTIONS)):
+            raise ValueError(f"at most {len(QUESTIONS)} distinct prompts per workload (got {n})")
     grounded = []
     for i in range(n):
-        passage = topics[PASSAGE_TOPICS[i % len(PASSAGE_TOPICS)]][:PASSAGE_CHARS]
+        passage = topics[names[i % len(names)]][:PASSAGE_CHARS]
         task = GROUNDED_TASKS[i % len(GROUNDED_TASKS)]
         grounded.append([{"role": "user", "content": f"{task}\n\n{passage.strip()}"}])
     free = [[{"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(n)]
@@ -306,6 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 def _check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     if args.max_tokens < 8 or args.prompts < 1:
         p.error("--max-tokens >= 8 and --prompts >= 1")
+    batches = [int(x) for x in args.batches.split(",") if x.strip()]
+    if not batches or min(batches) < 1 or args.waves < 1:
+        p.error("--batches: positive sizes, --waves >= 1")
+    if args.waves * max(batches) > 2 * len(QUESTIONS):
+        p.error(
+            f"--waves x the largest batch must be <= {2 * len(QUESTIONS)} "
+            "(in flight, every request has a prompt of its own)"
+        )
 
 
 def ensure_engine(path: Path | None, draft: str = "self:int8") -> Path:
@@ -410,7 +434,9 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
     picks = [_best_source(rows, model=False), _best_source(rows, model=True)]
     inflight_sources = [s for s in picks if s is not None] or [best]
     batch_rows = []
-    mixed = [p for pair in zip(prompts["grounded"], prompts["free"], strict=True) for p in pair]
+    per_workload = (args.waves * max(int(x) for x in args.batches.split(",")) + 1) // 2
+    wide = {w: [base.chat_prompt(m) for m in ms] for w, ms in workloads(per_workload, True).items()}
+    mixed = [p for pair in zip(wide["grounded"], wide["free"], strict=True) for p in pair]
     spec_llms = {s: speculating(s) for s in inflight_sources}
     for b in [int(x) for x in args.batches.split(",")]:
         for t in temps:
