@@ -18,7 +18,8 @@ Which published conversion this follows:
      so later layers compensate what earlier ones still get wrong. Each step reads a fresh
      segment of the text after those 2048 tokens, its teacher computed then. On CPUs with
      native bf16 (AVX512-BF16, AMX) the passes run in bf16 autocast with a bf16 teacher and
-     frozen weights, the trained projections kept fp32: 1.6-1.9 s a step instead of 2.8.
+     frozen weights, the trained projections kept fp32: 1.6-1.9 s a step instead of 2.8 (ad-hoc
+     timing; bench-lossy: 62 steps in 114 s).
   Measured on SmolLM2-135M --kv-heads 1 (held-out perplexity on 1024 tokens, fp32 15.5, pooling
   alone 15884; 2 torch threads, 2-core machine): both stages, 4 min, ~24k tokens streamed: 31.7
   in scripts/bench-lossy, 29.8 in an ad-hoc run (1.92-2.04x fp32); the rest are ad-hoc runs
@@ -84,9 +85,10 @@ LAYERWISE_SHARE = 0.5
 # Adam on all attention projections together, next-token KL (1e-4: 31.6, 5e-4: 45.2 at 4 min)
 E2E_LEARNING_RATE = 2e-4
 # bf16 autocast where the CPU has it natively (_native_bf16): 1.6-1.9 s per end-to-end step
-# instead of 2.8 (2 threads, AMX host).
+# instead of 2.8 (2 threads, AMX host; ad-hoc timing).
 E2E_BF16 = True
-# --kv-recovery-minutes default: 29.8-31.7 held-out perplexity at 4 min on SmolLM2 (fp32 15.5).
+# --kv-recovery-minutes default: 29.8-31.7 held-out perplexity at 4 min on SmolLM2 (fp32 15.5), 31.5
+# with bf16 steps (scripts/bench-lossy); 36-40 on a slow host.
 DEFAULT_MINUTES = 4.0
 
 Log = Callable[[str], None]

@@ -73,9 +73,9 @@ class DraftLengthPolicy:
     ratio_by_batch: dict[int, float] = field(default_factory=dict)
     # c measured per batch size (a draft step of B rows / a target step of B rows). A small
     # draft's step grows with B faster than the target's (int4 is compute-bound where fp32
-    # reads weights): self:int4 against SmolLM2 fp32 measured c = 0.39, 0.52, 0.66, 0.78 at
-    # B = 1, 2, 4, 8, and with c(1) for every batch ngram+self:int4 ran in-flight batches at
-    # 0.66-0.71x plain decode (scripts/bench-spec). Empty: draft_cost for every batch.
+    # reads weights): self:int4 against SmolLM2 fp32, timed at load: c = 0.37-0.41, 0.41-0.44,
+    # 0.49-0.52, 0.61-0.62 at B = 1, 2, 4, 8; with c(1) for every batch ngram+self:int4 ran
+    # in-flight batches at 0.66-0.71x plain decode (scripts/bench-spec). Empty: draft_cost.
     draft_cost_by_batch: dict[int, float] = field(default_factory=dict)
     # A model draft that is behind the request by a prompt (a new request, or one that skipped
     # the model for a while) feeds it in a call of its own before drafting, and the whole batch
