@@ -86,7 +86,7 @@ LAYERWISE_SHARE = 0.5
 E2E_LEARNING_RATE = 2e-4
 # bf16 autocast where the CPU has it natively (_native_bf16): 1.6-1.9 s per end-to-end step
 # instead of 2.8 (2 threads, AMX host; ad-hoc timing).
-E2E_BF16 = True
+E2E_BF16 = True  # False: fp32 steps everywhere (tests run both paths)
 # --kv-recovery-minutes default: 29.8-31.7 held-out perplexity at 4 min on SmolLM2 (fp32 15.5), 31.5
 # with bf16 steps (scripts/bench-lossy); 36-40 on a slow host.
 DEFAULT_MINUTES = 4.0

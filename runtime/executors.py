@@ -18,8 +18,8 @@ def open_executor(
     spin: SpinMode = "always",
 ) -> Executor:
     """The executor for MANIFEST's backend: ONNX Runtime on CPU or CUDA, or TensorRT. Each is
-    imported only when chosen (the GPU ones need libraries a CPU machine lacks). SPIN (executor.SpinMode)
-    concerns ONNX Runtime on CPU only."""
+    imported only when chosen (the GPU ones need libraries a CPU machine lacks). SPIN
+    (executor.SpinMode) concerns ONNX Runtime on CPU only."""
     backend = manifest.get("backend")
     if backend == "onnxruntime":
         from enginesmith.runtime.ort_cpu_executor import OrtCpuExecutor

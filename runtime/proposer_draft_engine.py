@@ -202,12 +202,20 @@ def _tokenizer_hash(manifest: dict[str, Any]) -> str:
     return "|".join(picked)
 
 
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of A and B. Called per request per step over whole
+    contexts, so no Python loop over tokens: slices are compared in C, the first mismatch found
+    by halving (usually the whole shorter list matches, one comparison)."""
+    lo, hi = 0, min(len(a), len(b))
+    if a[:hi] == b[:hi]:
+        return hi
+    while hi - lo > 1:  # a[:lo] == b[:lo]; the first mismatch is below hi
+        mid = (lo + hi) // 2
+        if a[lo:mid] == b[lo:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
 
 
 def _step_s(executor: Executor, batch: int, steps: int, width: int = 1) -> float:

@@ -8,9 +8,9 @@ per cost; when no K beats plain decode (1 token per 1 step) it is 0, which is wh
 the batch is large enough that extra tokens are no longer free.
 
 c is measured per batch size at load (a small draft's step grows with the batch faster than
-the target's). v comes from a linear step-cost model, time(T tokens) = w + t*T (weights read once, then
-per-token work): v(K, B) = (1 + r*B*(K+1)) / (1 + r*B) with r = t / w. docs/benchmarks.md has
-the measured v(K) table that r is fitted to.
+the target's). v comes from a linear step-cost model, time(T tokens) = w + t*T (weights read
+once, then per-token work): v(K, B) = (1 + r*B*(K+1)) / (1 + r*B) with r = t / w.
+docs/benchmarks.md has the measured v(K) table that r is fitted to.
 """
 
 from __future__ import annotations
@@ -80,8 +80,9 @@ class DraftLengthPolicy:
     # A model draft that is behind the request by a prompt (a new request, or one that skipped
     # the model for a while) feeds it in a call of its own before drafting, and the whole batch
     # waits: this cost per token fed, in target steps, spread over the rounds the request has
-    # left. Without it, ngram+self:int4 ran in-flight batch 4 at 0.74x plain decode, a fifth of
-    # the wall time in the draft's prompt calls (ad-hoc trace of scripts/bench-spec's loop).
+    # left. scripts/bench-spec, ngram+self:int4 in flight at batch 4: 0.69-0.74x plain decode
+    # with c(B) alone (an ad-hoc trace of its loop: a fifth of the wall time in the draft's
+    # prompt calls), 0.91-0.92x with this term too.
     catch_up_cost: float = 0.0
 
     def ratio(self, batch: int) -> float:

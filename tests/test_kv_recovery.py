@@ -46,7 +46,10 @@ def test_pooling_matches_the_onnx_pass(  # type: ignore[no-untyped-def]
     np.testing.assert_allclose(ours, theirs, atol=2e-4 * float(np.abs(theirs).max()))
 
 
-def test_recovery_is_never_worse_than_pooling(hf_models) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("bf16", [True, False])
+def test_recovery_is_never_worse_than_pooling(hf_models, monkeypatch, bf16: bool) -> None:  # type: ignore[no-untyped-def]
+    """Both end-to-end paths: bf16 autocast (where the CPU has it) and fp32."""
+    monkeypatch.setattr(kv_recovery, "E2E_BF16", bf16)
     loaded = hf_models("tiny-llama")
     _, report = kv_recovery.collapse_with_recovery(
         loaded.model, loaded.tokenizer, 1, minutes=0.05, log=lambda _m: None
@@ -61,12 +64,14 @@ def test_recovery_is_never_worse_than_pooling(hf_models) -> None:  # type: ignor
     assert report.as_dict()["kl_recovered"] == round(report.kl_recovered, 4)
 
 
-def test_bf16_student_trains_the_fp32_weights(hf_models) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize(("preset", "kv_heads"), [("tiny-llama", 1), ("tiny-qwen2", 2)])
+def test_bf16_student_trains_the_fp32_weights(hf_models, preset: str, kv_heads: int) -> None:  # type: ignore[no-untyped-def]
     """The end-to-end stage's bf16 student shares the collapsed model's fp32 attention
-    projections (its updates land there) and holds everything else in bf16, once."""
-    loaded = hf_models("tiny-llama")
+    projections (its updates land there) and holds everything else in bf16, once; MHA without
+    biases and GQA with q/k/v biases."""
+    loaded = hf_models(preset)
     collapsed, _ = kv_recovery.collapse_with_recovery(
-        loaded.model, loaded.tokenizer, 1, minutes=0, log=lambda _m: None
+        loaded.model, loaded.tokenizer, kv_heads, minutes=0, log=lambda _m: None
     )
     teacher, student = kv_recovery._bf16_twins(loaded.model, collapsed)
     for bf16_attn, fp32_attn in zip(

@@ -262,6 +262,28 @@ def test_drafts_count_in_the_budget_and_rejection_rolls_back() -> None:
     assert r.spec_token_ids == []
 
 
+def test_common_prefix_matches_the_definition() -> None:
+    """The draft cache's kept prefix (slices compared by halving) equals an element-by-element
+    scan: equal lists, one a prefix of the other, a mismatch at every position, empty lists."""
+    from enginesmith.runtime.proposer_draft_engine import _common_prefix
+
+    def scan(a: list[int], b: list[int]) -> int:
+        i = 0
+        while i < min(len(a), len(b)) and a[i] == b[i]:
+            i += 1
+        return i
+
+    rng = np.random.default_rng(0)
+    base = [int(t) for t in rng.integers(0, 5, 40)]
+    cases = [([], []), ([], base), (base, base), (base[:17], base), (base, base[:3])]
+    for j in range(len(base)):
+        changed = list(base)
+        changed[j] += 1
+        cases += [(base, changed), (changed[: j + 5], base)]
+    for a, b in cases:
+        assert _common_prefix(a, b) == scan(a, b), (a, b)
+
+
 def test_known_tokens_are_scheduled_before_drafts() -> None:
     """A new request's prompt and every running request's known tokens get the budget first;
     drafts share what is left (a prefill split by drafts costs a whole extra step)."""
